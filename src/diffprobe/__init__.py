@@ -1,0 +1,3 @@
+"""diffprobe: measure and steer text-to-image diffusion models."""
+
+__version__ = "0.1.0"
