@@ -1,0 +1,269 @@
+"""Prompt suites: files (txt, csv, tsv, jsonl, json), Comp90 object/background files, and built-in suites.
+
+Built-in suites ship as package data with their licences (see ``data/README.md``):
+
+- ``scs100``: the first 100 prompts of the Semantic Consistency Score paper's prompt file (as the paper used);
+  ``scs100-monet-sdxl`` / ``scs100-monet-lora``: its LoRA experiment's prompt pair.
+- ``cc500``: CC-500 attribute-binding prompts; each prompt carries the reference ``noun_phrases`` and ``nouns``.
+- ``shapes-<split>``: prompts of the shapes world (``diffprobe.worlds.shapes.prompts(split)``).
+
+Every loader returns ``list[Prompt]``: the text plus whatever else the source knows about it (``meta``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+DATA = Path(__file__).parent / "data"
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+               9: "nine", 10: "ten"}
+COMP90_COUNTS = (2, 3, 4, 5, 6)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Comp90Object:
+    singular: str  # "apple"
+    with_article: str  # "an apple"
+    plural: str  # "apples"
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """Read prompts from ``.txt`` (one per line), ``.csv``/``.tsv`` or ``.jsonl``/``.json`` (a ``prompt`` field;
+    other fields go to ``meta``). Comp90 ``objects_<split>.txt`` files expand to numerical prompts with the
+    ``backgrounds_<split>.txt`` next to them. Raises InputError for empty or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file {path} does not exist")
+    if path.name.startswith("objects_") and path.suffix == ".txt":
+        backgrounds = path.with_name("backgrounds_" + path.name[len("objects_"):])
+        if not backgrounds.is_file():
+            raise InputError(f"{path.name} looks like a Comp90 objects file, but {backgrounds.name} is missing "
+                             f"next to it; add it, or rename the file to read it as plain prompts")
+        return comp90_numerical(read_comp90_objects(path), read_lines(backgrounds))
+    suffix = path.suffix.lower()
+    readers = {".txt": _read_txt, ".csv": _read_table, ".tsv": _read_table, ".jsonl": _read_jsonl,
+               ".json": _read_json}
+    if suffix not in readers:
+        raise InputError(f"unsupported prompt file {path.name}; use .txt (one prompt per line), .csv/.tsv or "
+                         ".jsonl/.json with a 'prompt' column")
+    prompts = readers[suffix](path)
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Non-blank lines, stripped."""
+    return [line.strip() for line in _text(Path(path)).splitlines() if line.strip()]
+
+
+def _read_txt(path: Path) -> list[Prompt]:
+    return [Prompt(line) for line in read_lines(path)]
+
+
+def _read_table(path: Path) -> list[Prompt]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows = csv.DictReader(_text(path).splitlines(), delimiter=delimiter)
+    if rows.fieldnames is None:
+        return []
+    if "prompt" not in rows.fieldnames:
+        raise InputError(f"{path.name} has no 'prompt' column (columns: {', '.join(rows.fieldnames)})")
+    prompts = []
+    for line, row in enumerate(rows, start=2):
+        if None in row:  # more cells than header names
+            raise InputError(f"{path.name} line {line}: more cells than columns; quote cells that contain "
+                             f"'{delimiter}'")
+        prompts.append(_record(row, f"{path.name} line {line}"))
+    return prompts
+
+
+def _read_jsonl(path: Path) -> list[Prompt]:
+    prompts = []
+    for line, raw in enumerate(_text(path).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path.name} line {line}: invalid JSON ({err.msg})") from None
+        prompts.append(_record(record, f"{path.name} line {line}"))
+    return prompts
+
+
+def _read_json(path: Path) -> list[Prompt]:
+    try:
+        data = json.loads(_text(path))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path.name}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path.name} must hold a JSON list of prompts or of objects with a 'prompt' field")
+    return [Prompt(item.strip()) if isinstance(item, str) and item.strip() else _record(item, f"{path.name} [{i}]")
+            for i, item in enumerate(data)]
+
+
+def _record(record: Any, where: str) -> Prompt:
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise InputError(f"{where}: expected an object with a 'prompt' field")
+    text = record["prompt"]
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: 'prompt' must be a non-empty string")
+    meta = {k: v for k, v in record.items() if k and k != "prompt" and not k.startswith("Unnamed")}
+    return Prompt(text.strip(), meta)
+
+
+# --- Comp90 (reliable-seeds paper) -----------------------------------------------------------------------
+
+
+def read_comp90_objects(path: str | Path) -> list[Comp90Object]:
+    """Lines ``"apple, an apple, apples"``: singular, with article, plural."""
+    objects = []
+    for line, raw in enumerate(_text(Path(path)).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        parts = [p.strip() for p in raw.split(",")]
+        if len(parts) != 3 or not all(parts):
+            raise InputError(f"{Path(path).name} line {line}: expected 'singular, with article, plural' "
+                             f"(e.g. 'apple, an apple, apples'), got {raw.strip()!r}")
+        objects.append(Comp90Object(*parts))
+    if not objects:
+        raise InputError(f"Comp90 objects file {path} holds no objects")
+    return objects
+
+
+def comp90_numerical(objects: Sequence[Comp90Object], backgrounds: Sequence[str],
+                     counts: Iterable[int] = COMP90_COUNTS) -> list[Prompt]:
+    """``"{count word} {plural}, {background}"`` for every background x object x count (the order of the
+    official evaluation script)."""
+    if not backgrounds:
+        raise InputError("Comp90 backgrounds file holds no backgrounds")
+    prompts = []
+    for background in backgrounds:
+        for obj in objects:
+            for count in counts:
+                if count not in COUNT_WORDS:
+                    raise InputError(f"count {count} has no number word; use counts 1..10")
+                prompts.append(Prompt(f"{COUNT_WORDS[count]} {obj.plural}, {background}",
+                                      {"count": count, "object": obj.singular, "background": background}))
+    return prompts
+
+
+# --- built-in suites -------------------------------------------------------------------------------------
+
+SUITES = {
+    "scs100": "SCS paper: 100 prompts (first 100 lines of its prompt file)",
+    "scs100-monet-sdxl": "SCS paper LoRA experiment: prompts '... in the style of Monet' (base SDXL)",
+    "scs100-monet-lora": "SCS paper LoRA experiment: prompts '... in the style of TOK' (Monet LoRA)",
+    "cc500": "CC-500 attribute binding, with reference noun phrases (ConceptDiffusion distribution)",
+    "shapes-<split>": "shapes world prompts (needs diffprobe.worlds.shapes)",
+}
+
+
+def load_suite(name: str) -> list[Prompt]:
+    if name == "scs100":
+        return [Prompt(t, {"index": i}) for i, t in enumerate(read_lines(DATA / "scs100" / "prompts.txt")[:100])]
+    if name in ("scs100-monet-sdxl", "scs100-monet-lora"):
+        file = DATA / "scs100" / f"prompts_monet_{name.rsplit('-', 1)[1]}.txt"
+        return [Prompt(t, {"index": i}) for i, t in enumerate(read_lines(file))]
+    if name == "cc500":
+        prompts = _read_table(DATA / "cc500" / "CC-500.csv")
+        return [Prompt(p.text, {"index": i, "noun_phrases": _split(p.meta.get("noun_phrases")),
+                                "nouns": _split(p.meta.get("nouns"))}) for i, p in enumerate(prompts)]
+    if name.startswith("shapes-"):
+        return _shapes_suite(name.removeprefix("shapes-"))
+    raise InputError(f"unknown prompt suite {name!r}; built-in suites: {', '.join(SUITES)}")
+
+
+def _split(cell: str | None) -> list[str]:
+    return [s.strip() for s in (cell or "").split(";") if s.strip()]
+
+
+def _shapes_suite(split: str) -> list[Prompt]:
+    try:
+        shapes = importlib.import_module("diffprobe.worlds.shapes")
+    except ModuleNotFoundError:
+        shapes = None
+    make = getattr(shapes, "prompts", None)
+    if make is None:
+        raise InputError("the shapes world is not available in this installation, so 'shapes-*' suites cannot load")
+    return [_as_prompt(item) for item in make(split)]
+
+
+def _as_prompt(item: Any) -> Prompt:
+    """Accept what a suite hook returns: str, Prompt, a dict with 'prompt', or an object with .text/.prompt."""
+    if isinstance(item, Prompt):
+        return item
+    if isinstance(item, str):
+        return Prompt(item)
+    if isinstance(item, dict):
+        return _record(item, "shapes suite")
+    text = getattr(item, "text", None) or getattr(item, "prompt", None)
+    if not isinstance(text, str):
+        raise TypeError(f"cannot read a prompt from {item!r}")
+    meta = getattr(item, "meta", None)
+    if meta is None and hasattr(item, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        meta = {k: v for k, v in asdict(item).items() if k not in ("text", "prompt")}
+    return Prompt(text, dict(meta or {}))
+
+
+def builtin_seeds(name: str, n: int | None = None) -> list[int]:
+    """Named seed lists. ``scs100``: the SCS paper's seed file (100 seeds); the paper used the first 20."""
+    if name != "scs100":
+        raise InputError(f"unknown seed list {name!r}; named seed lists: scs100[:N]")
+    seeds = [int(s) for s in read_lines(DATA / "scs100" / "random_seeds.txt")]
+    n = 20 if n is None else n
+    if not 1 <= n <= len(seeds):
+        raise InputError(f"scs100 has {len(seeds)} seeds; ask for 1..{len(seeds)} of them")
+    return seeds[:n]
+
+
+def load_prompts(source: str | Path) -> list[Prompt]:
+    """A prompt file path or a built-in suite name."""
+    path = Path(source)
+    if path.exists():
+        return read_prompt_file(path)
+    name = str(source)
+    if name in SUITES or name.startswith("shapes-"):
+        return load_suite(name)
+    raise InputError(f"prompt file {source} does not exist and is not a built-in suite "
+                     f"({', '.join(SUITES)})")
+
+
+def unique(prompts: Sequence[Prompt]) -> tuple[list[Prompt], int]:
+    """Drop repeated prompt texts (a repeat would have the same job keys); returns (kept, number dropped)."""
+    seen: set[str] = set()
+    kept = []
+    for p in prompts:
+        if p.text not in seen:
+            seen.add(p.text)
+            kept.append(p)
+    return kept, len(prompts) - len(kept)
+
+
+__all__ = ["Prompt", "Comp90Object", "SUITES", "load_prompts", "load_suite", "read_prompt_file",
+           "read_comp90_objects", "comp90_numerical", "builtin_seeds", "unique", "read_lines", "COUNT_WORDS"]
