@@ -33,7 +33,7 @@ class ModelSpec(BaseModel):
 class SamplerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(50, ge=1, le=10_000)
+    steps: int | None = Field(None, ge=1, le=10_000)  # None: the model's recommended count (else 50)
     scheduler: str | None = None  # None: the checkpoint's own
     height: int | None = Field(None, ge=8)  # None: the model's default size
     width: int | None = Field(None, ge=8)

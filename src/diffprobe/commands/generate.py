@@ -1,0 +1,158 @@
+"""``diffprobe generate``: sample a prompt x seed grid into a run directory (resumable)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from ..errors import InputError
+from ..prompts import Prompt, load_prompts, unique
+from ..spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec, canonical_json, parse_seeds
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse as JSON (numbers, lists, true), else strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"bad --guidance-param {item!r}; write key=value, e.g. --guidance-param rescale=0.7")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def build_spec(*, model: str, family: str | None, dtype: str | None, device: str | None, prompt: list[str],
+               prompts_file: str | None, seeds: str, steps: int | None, scheduler: str | None, height: int | None,
+               width: int | None, generator_device: str, guidance: str, scale: float | None,
+               guidance_param: list[str], concepts: str | None) -> tuple[RunSpec, list[Prompt], int]:
+    """The RunSpec for the CLI flags, the prompts with their metadata, and how many repeated prompts were dropped."""
+    if prompt and prompts_file:
+        raise InputError("give either --prompt (repeatable) or --prompts FILE, not both")
+    if prompt:
+        if any(not p.strip() for p in prompt):
+            raise InputError("--prompt must not be empty")
+        items = [Prompt(p.strip()) for p in prompt]
+        source = None
+    elif prompts_file:
+        items = load_prompts(prompts_file)
+        source = str(prompts_file)
+    else:
+        raise InputError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE|SUITE")
+    items, dropped = unique(items)
+    params = parse_params(guidance_param)
+    if scale is not None:
+        params.setdefault("scale", scale)
+    if concepts is not None:
+        params["concepts"] = _concepts(concepts, items)
+    try:
+        spec = RunSpec(
+            model=ModelSpec(name=model, family=family, dtype=dtype, device=device),
+            prompts=[p.text for p in items],
+            seeds=parse_seeds(seeds),
+            sampler=SamplerSpec(steps=steps, scheduler=scheduler, height=height, width=width,
+                                generator_device=generator_device),
+            guidance=GuidanceSpec(name=guidance, params=params),
+            prompt_source=source,
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise InputError(f"bad option {where}: {first['msg']}") from None
+    return spec, items, dropped
+
+
+def _concepts(value: str, prompts: list[Prompt]) -> Any:
+    """``suite``: each prompt's reference noun phrases from its suite (e.g. cc500); anything else is passed
+    to the guider as is (an extractor name such as ``spacy``)."""
+    if value != "suite":
+        return value
+    missing = [p.text for p in prompts if not p.meta.get("noun_phrases")]
+    if missing:
+        raise InputError(f"--concepts suite needs prompts with reference noun phrases (e.g. --prompts cc500); "
+                         f"{len(missing)} prompt(s) have none, e.g. {missing[0]!r}")
+    return {p.text: list(p.meta["noun_phrases"]) for p in prompts}
+
+
+def default_out(spec: RunSpec) -> Path:
+    """``runs/<model>-<hash>``: the same command always lands in the same run, so it resumes."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(spec.model.name).name or spec.model.name).strip("-") or "model"
+    what = {**spec.generation(), "prompts": spec.prompts, "seeds": spec.seeds}
+    digest = hashlib.sha256(canonical_json(what).encode())
+    return Path("runs") / f"{slug}-{digest.hexdigest()[:8]}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        model: str = typer.Option("shapes", "--model", "-m", help="Hub id, local diffusers folder, or 'shapes'."),
+        prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable)."),
+        prompts: str | None = typer.Option(
+            None, "--prompts", help="Prompt file (.txt one per line, .csv/.tsv/.jsonl/.json with a 'prompt' column, "
+            "Comp90 objects_<split>.txt) or a built-in suite: scs100, scs100-monet-sdxl, scs100-monet-lora, cc500, "
+            "shapes-<split>[-<category>]."),
+        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds: 0-19, 1,5,9, @FILE, or scs100[:N]."),
+        steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: the model's, else 50)."),
+        scheduler: str | None = typer.Option(None, "--scheduler", help="default (the checkpoint's), ddim, "
+                                             "dpmpp-2m or euler."),
+        guidance: str = typer.Option("cfg", "--guidance", "-g", help="Guider: cfg, scfg, concept."),
+        scale: float | None = typer.Option(7.5, "--scale", help="Guidance scale."),
+        guidance_param: list[str] = typer.Option([], "--guidance-param", help="Extra guider parameter key=value "
+                                                 "(repeatable; values parse as JSON when they can)."),
+        concepts: str | None = typer.Option(None, "--concepts", help="Concept guidance: 'suite' uses the prompt "
+                                            "suite's reference noun phrases (cc500); other values go to the guider."),
+        height: int | None = typer.Option(None, "--height", help="Image height (default: the model's)."),
+        width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
+        batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call (does not change images)."),
+        family: str | None = typer.Option(None, "--family", help="Override detection: sd, sdxl, pixart."),
+        dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 CPU)."),
+        device: str | None = typer.Option(None, "--device", help="cuda, mps, cpu (default: the best available)."),
+        generator_device: str = typer.Option("cpu", "--generator-device", help="Where seeded noise is drawn: cpu "
+                                             "(same on every machine) or cuda (papers that seeded on CUDA)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<model>-<hash>)."),
+        new: bool = typer.Option(False, "--new", help="Move an existing run at --out aside and start afresh."),
+        extend: bool = typer.Option(False, "--extend", help="Add new prompts/seeds to an existing run."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Generate images for every prompt x seed; re-running generates only what is missing."""
+        from ..generate import generate
+
+        console = Console(stderr=True)
+        spec, items, dropped = build_spec(
+            model=model, family=family, dtype=dtype, device=device, prompt=prompt, prompts_file=prompts,
+            seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
+            generator_device=generator_device, guidance=guidance, scale=scale, guidance_param=guidance_param,
+            concepts=concepts)
+        if dropped:
+            console.print(f"note: {dropped} repeated prompt(s) appear once in the run", highlight=False)
+        if new and extend:
+            raise InputError("--new and --extend exclude each other")
+        run_dir = out or default_out(spec)
+        try:
+            result = generate(spec, run_dir, prompts=items, batch_size=batch_size, new=new, extend=extend,
+                              console=console, progress=not quiet)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: finished images are kept in {run_dir}; run the same command to resume",
+                          highlight=False)
+            sys.exit(130)
+        rate = f" at {result.images_per_second:.2f} images/s" if result.generated else ""
+        console.print(f"{result.generated} generated{rate}, {result.skipped} already there; "
+                      f"{result.total} images in {result.run_dir}", highlight=False)
+        if result.truncated_prompts:
+            console.print(f"{len(result.truncated_prompts)} prompt(s) were truncated to the text encoder's limit "
+                          "(column 'truncated')", highlight=False)
+        typer.echo(str(result.run_dir))
+
+    from . import export
+
+    export.register(app)

@@ -1,0 +1,219 @@
+"""The generation driver: expand a RunSpec into jobs, skip what the run already holds, sample the rest in
+batches and write every finished batch through the store.
+
+The same call twice generates nothing the second time; a killed call loses only its unfinished batch.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, \
+    TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from .guidance import Guider, make_guider
+from .prompts import Prompt
+from .spec import RunSpec, job_key
+from .store import NewSample, RepairReport, RunStore, create_run, is_run_dir, open_run
+
+
+DEFAULT_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    prompt: str
+    seed: int
+
+
+@dataclass
+class GenerateResult:
+    run_dir: Path
+    total: int  # jobs in the spec
+    generated: int  # made by this call
+    skipped: int  # already in the run
+    seconds: float  # sampling time of this call
+    truncated_prompts: list[str] = field(default_factory=list)
+    repair: RepairReport = field(default_factory=RepairReport)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolved_config(adapter: Any, spec: RunSpec, guider: Guider) -> dict[str, Any]:
+    """What every job key of this run is made of, besides prompt and seed (batch size deliberately absent)."""
+    height, width = spec.sampler.height, spec.sampler.width
+    default_h, default_w = adapter.default_size
+    return {
+        "model": adapter.identity(),
+        "sampler": {
+            "steps": spec.sampler.steps or int(getattr(adapter, "default_steps", DEFAULT_STEPS)),
+            "scheduler": spec.sampler.scheduler or "default",
+            "height": height or default_h,
+            "width": width or default_w,
+            "dtype": str(adapter.dtype).removeprefix("torch."),
+            "generator_device": spec.sampler.generator_device,
+        },
+        "guidance": guider.config(),
+    }
+
+
+def plan(prompts: Sequence[str], seeds: Sequence[int], config: dict[str, Any]) -> list[Job]:
+    """All jobs, prompt-major (every seed of the first prompt, then the next prompt)."""
+    return [Job(job_key(config["model"], p, s, config["sampler"], config["guidance"]), p, s)
+            for p in prompts for s in seeds]
+
+
+def batches(jobs: Sequence[Job], guider: Guider, batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs whose prompts have the same number of guidance branches, up to ``batch_size`` each
+    (one batched model call needs equal branch counts)."""
+    out: list[list[Job]] = []
+    current: list[Job] = []
+    current_k = -1
+    for job in jobs:
+        k = len(guider.branches(job.prompt))
+        if current and (k != current_k or len(current) == batch_size):
+            out.append(current)
+            current = []
+        current.append(job)
+        current_k = k
+    if current:
+        out.append(current)
+    return out
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"diffprobe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def open_for_spec(out: str | Path, spec: RunSpec, *, new: bool = False, extend: bool = False) -> RunStore:
+    """The run directory for ``spec``, created if needed; an existing run must match (RunMismatchError)."""
+    if is_run_dir(out) and not new:
+        store = open_run(out, write=True)
+        try:
+            store.check_spec(spec, extend=extend)
+        except BaseException:
+            store.close()
+            raise
+        return store
+    return create_run(out, spec, new=new)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} images/s" if speed else "- images/s", style="progress.data.speed")
+
+
+def generate(
+    spec: RunSpec,
+    out: str | Path,
+    *,
+    prompts: Sequence[Prompt] = (),
+    batch_size: int = 1,
+    new: bool = False,
+    extend: bool = False,
+    adapter: Any = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> GenerateResult:
+    """Generate every (prompt, seed) job of ``spec`` that ``out`` does not hold yet.
+
+    ``prompts`` may carry per-prompt metadata (stored in the run's prompts table); ``adapter`` reuses an already
+    loaded model (it must be the model ``spec`` names).
+    """
+    from .errors import InputError
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    console = console or Console(stderr=True)
+    guider = make_guider(spec.guidance.name, **spec.guidance.params)
+    store = open_for_spec(out, spec, new=new, extend=extend)
+    try:
+        if store.repair_report:
+            console.print(f"[yellow]repaired {store.root}:[/] {store.repair_report}", highlight=False)
+        metas = {p.text: p.meta for p in prompts}
+        store.add_prompts((text, metas.get(text, {})) for text in spec.prompts)
+        done = store.keys()
+        stored_config = store.get_meta("config")
+        # A run that is already complete needs no model at all.
+        if adapter is None and stored_config is not None and stored_config.get("guidance") == guider.config():
+            jobs = plan(spec.prompts, spec.seeds, stored_config)
+            if all(j.key in done for j in jobs):
+                return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=store.repair_report)
+        if adapter is None:
+            from .models import load_model
+
+            adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
+                                 dtype=spec.model.dtype, scheduler=spec.sampler.scheduler)
+        config = resolved_config(adapter, spec, guider)
+        check_size = getattr(adapter, "check_size", None)
+        if check_size is not None:  # fail before any work, not at the first batch
+            check_size(config["sampler"]["height"], config["sampler"]["width"])
+        store.check_config(config)
+        jobs = plan(spec.prompts, spec.seeds, config)
+        todo = [j for j in jobs if j.key not in done]
+        result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=store.repair_report)
+        if todo:
+            _run_jobs(store, adapter, guider, spec, config, todo, batch_size, result, console, progress)
+        return result
+    finally:
+        store.close()
+
+
+def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, config: dict[str, Any],
+              todo: list[Job], batch_size: int, result: GenerateResult, console: Console, progress: bool) -> None:
+    from .sampling import sample
+
+    provenance = {
+        **config,
+        "family": getattr(adapter, "family", None),
+        "scheduler_class": type(getattr(adapter, "scheduler", None)).__name__,
+        "device": str(adapter.device),
+        "batch_size": batch_size,
+        "prompt_source": spec.prompt_source,
+        "versions": versions(),
+    }
+    sampler = config["sampler"]
+    warned: set[str] = set(result.truncated_prompts)
+    bar = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                   disable=not progress, transient=False)
+    start = time.perf_counter()
+    with bar:
+        task = bar.add_task("generate", total=len(todo))
+        for batch in batches(todo, guider, batch_size):
+            out = sample(adapter, guider, [j.prompt for j in batch], [j.seed for j in batch], steps=sampler["steps"],
+                         height=sampler["height"], width=sampler["width"],
+                         generator_device=sampler["generator_device"])
+            truncated = list(out.truncated) or [False] * len(batch)
+            records = list(out.records) or [{} for _ in batch]
+            for job, was_truncated in zip(batch, truncated, strict=True):
+                if was_truncated and job.prompt not in warned:
+                    warned.add(job.prompt)
+                    bar.console.print(f"[yellow]warning:[/] prompt longer than the text encoder's limit "
+                                      f"({adapter.token_limit} tokens) was truncated (recorded as truncated): "
+                                      f"{job.prompt[:80]!r}", highlight=False)
+            store.add([NewSample(key=j.key, prompt=j.prompt, seed=j.seed, image=img, guidance=config["guidance"],
+                                 provenance=provenance, records=rec, truncated=bool(tr))
+                       for j, img, rec, tr in zip(batch, out.images, records, truncated, strict=True)])
+            result.generated += len(batch)
+            bar.advance(task, len(batch))
+    result.seconds = time.perf_counter() - start
+    result.truncated_prompts = sorted(warned)
