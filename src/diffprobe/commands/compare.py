@@ -1,0 +1,88 @@
+"""``diffprobe compare A B``: paired per-prompt statistics between two score results or two image sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ..errors import InputError
+from ..metrics.provenance import provenance, write_json
+from ..metrics.stats import PAIR_BY, compare_scores, load_result, scores_from_result
+
+console = Console(stderr=True)
+
+
+def _result(path: Path, embedder: str, weights: Path | None, device: str | None, strict: bool) -> dict:
+    if path.suffix == ".json":
+        return load_result(path)
+    from ..metrics.scs import score_scs
+
+    return score_scs(path, embedder, weights=weights, device=device, strict=strict, sensitivity=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare_cmd(
+        a: Path = typer.Argument(..., help="Score JSON (from diffprobe score), run directory or grouped image folder."),
+        b: Path = typer.Argument(..., help="The same for the second model."),
+        intersection: bool = typer.Option(False, help="Compare only the prompts both sides share."),
+        pair_by: str = typer.Option(
+            "prompt",
+            help="Pair prompts by text (prompt), by prompt id (id), or by position "
+            "(order, for prompt lists that differ on purpose, e.g. a LoRA trigger word).",
+        ),
+        embedder: str = typer.Option("auto", help="Embedder for SCS when A/B are image sets."),
+        weights: Path | None = typer.Option(None),
+        device: str | None = typer.Option(None),
+        n_boot: int = typer.Option(10000, min=100, help="Bootstrap resamples for the CI of the mean difference."),
+        confidence: float = typer.Option(0.95, min=0.5, max=0.999),
+        seed: int = typer.Option(0),
+        allow_different_embedders: bool = typer.Option(False, help="Compare scores made with different embedders."),
+        strict: bool = typer.Option(False),
+        out: Path = typer.Option(Path("compare.json"), help="Output JSON."),
+    ) -> None:
+        """Wilcoxon signed-rank, two-sample KS, bootstrap CI of the mean difference and effect sizes (B - A)."""
+        if pair_by not in PAIR_BY:
+            raise InputError(f"--pair-by must be one of {', '.join(PAIR_BY)}")
+        ra, rb = (_result(p, embedder, weights, device, strict) for p in (a, b))
+        metric_a, sa, undef_a = scores_from_result(ra, pair_by)
+        metric_b, sb, undef_b = scores_from_result(rb, pair_by)
+        if metric_a != metric_b:
+            raise InputError(f"cannot compare different metrics: A is {metric_a}, B is {metric_b}")
+        ida, idb = ra.get("embedder", {}).get("id"), rb.get("embedder", {}).get("id")
+        if ida != idb and not allow_different_embedders:
+            raise InputError(
+                f"A and B were scored with different embedders ({ida} vs {idb}); rescore one side, or "
+                "pass --allow-different-embedders"
+            )
+        if undef_a or undef_b:
+            raise InputError(
+                f"{metric_a} is undefined for {len(undef_a)} prompt(s) of A and {len(undef_b)} of B "
+                "(single image); fix the inputs or drop those prompts"
+            )
+        result = compare_scores(
+            sa,
+            sb,
+            names=(str(a), str(b)),
+            intersection=intersection,
+            by_order=pair_by == "order",
+            n_boot=n_boot,
+            confidence=confidence,
+            seed=seed,
+        )
+        result = {"metric": metric_a, "embedder": ra.get("embedder"), **result, "provenance": provenance()}
+        write_json(result, out)
+        d, w, ks = result["difference"], result["wilcoxon"], result["ks_2samp"]
+        ci = d["bootstrap_ci"]
+        console.print(
+            f"{metric_a}: A {result['A']['mean']:.2f} +- {result['A']['sd']:.2f}, B {result['B']['mean']:.2f} +- "
+            f"{result['B']['sd']:.2f} over {result['n_pairs']} paired prompts\n"
+            f"B - A: mean {d['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] ({ci['confidence']:.0%} bootstrap CI), "
+            f"B higher on {d['b_higher']}, A higher on {d['a_higher']}\n"
+            f"Wilcoxon p = {w['p']:.3g}; KS p = {ks['p']:.3g}; Cohen's d_z = {result['effect_size']['cohens_dz']}; "
+            f"rank-biserial r = {result['effect_size']['rank_biserial']:.3f}",
+            highlight=False,
+        )
+        console.print(f"wrote {out}")

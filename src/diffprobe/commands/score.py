@@ -1,0 +1,226 @@
+"""``diffprobe score scs|irs|clip``: metrics on a run directory or a folder of images; writes JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..embed import FeatureCache
+from ..metrics.provenance import write_json
+
+score_app = typer.Typer(
+    help="Score images: consistency (scs), diversity (irs), text alignment (clip).", no_args_is_help=True
+)
+console = Console(stderr=True)
+
+EMBEDDER_HELP = (
+    "auto, clip-vit-b32 (other CLIP hub ids or local CLIP folders), efficientnet-lite0, "
+    "swav or inception (both with --weights FILE)"
+)
+
+
+def _default_out(path: Path, metric: str) -> Path:
+    from ..metrics.images import _run_samples
+
+    if _run_samples(path) is not None:
+        return path / "scores" / f"{metric}.json"
+    return Path.cwd() / f"{path.resolve().name}_{metric}.json"
+
+
+def _cache(no_cache: bool, cache_dir: Path | None):
+    if no_cache:
+        return None
+    if cache_dir is not None:
+        return FeatureCache.for_location(cache_dir=cache_dir)
+    return True  # run store for runs, else $DIFFPROBE_CACHE
+
+
+class _Bar:
+    """A rich progress bar fed by the embedding loop (images embedded, cache hits are not counted)."""
+
+    def __enter__(self):
+        self.progress = Progress(
+            TextColumn("embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("embed", total=None)
+        return lambda n: self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
+def _report(result: dict, out: Path) -> None:
+    write_json(result, out)
+    emb = result.get("embedder", {})
+    console.print(f"embedder: {emb.get('name')} ({emb.get('weights', '')})", highlight=False)
+    if emb.get("note"):
+        console.print(f"[yellow]note:[/] {emb['note']}", highlight=False)
+    skipped = result.get("input", {}).get("skipped", {}).get("count", 0)
+    if skipped:
+        console.print(f"[yellow]skipped {skipped} unreadable or non-image file(s)[/] (--strict to fail instead)")
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"wrote {out}")
+
+
+@score_app.command("scs")
+def scs_cmd(
+    path: Path = typer.Argument(..., help="Run directory, or folder grouped per prompt (manifest or subfolders)."),
+    embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
+    weights: Path | None = typer.Option(None, help="Local weights file (swav, inception)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    batch_size: int = typer.Option(64, min=1),
+    out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/scs.json or ./<folder>_scs.json)."),
+    n_boot: int = typer.Option(200, min=1, help="Random subsets per repetition count in the sensitivity curve."),
+    seed: int = typer.Option(0, help="Seed of the sensitivity bootstrap."),
+    sensitivity: bool = typer.Option(True, help="Compute the SCS-vs-repetitions curve."),
+    no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp negative cosines to 0 (not the paper's)."),
+    strict: bool = typer.Option(False, help="Fail on unreadable or non-image files instead of skipping them."),
+    guidance: str | None = typer.Option(None, help="Score only this guidance variant of a run."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache directory (default: run dir or $DIFFPROBE_CACHE)."),
+) -> None:
+    """Semantic Consistency Score per prompt, mean +- SD, and a sensitivity curve over repetitions."""
+    from ..metrics.scs import score_scs
+
+    with _Bar() as progress:
+        result = score_scs(
+            path,
+            embedder,
+            weights=weights,
+            device=device,
+            batch_size=batch_size,
+            cache=_cache(no_cache, cache_dir),
+            strict=strict,
+            guidance=guidance,
+            sensitivity=sensitivity,
+            n_boot=n_boot,
+            seed=seed,
+            clamp=not no_clamp,
+            progress=progress,
+        )
+    s = result["summary"]
+    console.print(
+        f"SCS over {s['n_prompts']} prompts: mean {s['mean']:.2f} +- {s['sd']:.2f} (population SD), "
+        f"median {s['median']:.2f}",
+        highlight=False,
+    )
+    if sensitivity:
+        sens = result["sensitivity"]
+        curve = ", ".join(f"{c['n']}:{c['sd_within_prompt']:.2f}" for c in sens["curve"])
+        console.print(
+            f"per-prompt SD by repetitions: {curve}; suggested N (SD <= {sens['tolerance']}): {sens['suggested_n']}",
+            highlight=False,
+        )
+    _report(result, out or _default_out(path, "scs"))
+
+
+@score_app.command("irs")
+def irs_cmd(
+    path: Path = typer.Argument(..., help="Synthetic images: run directory, image folder, or .npy features."),
+    train: Path = typer.Option(..., help="Training images (folder, recursive) or .npy features."),
+    test: Path | None = typer.Option(None, help="Held-out real images for IRS-inf,a (same as --train: 50/50 split)."),
+    embedder: str = typer.Option(
+        "auto", help="auto (swav with --weights, else efficientnet-lite0) or " + EMBEDDER_HELP
+    ),
+    weights: Path | None = typer.Option(None, help="Local weights file (swav, inception)."),
+    device: str | None = typer.Option(None),
+    batch_size: int = typer.Option(64, min=1),
+    metric: str = typer.Option("euclidean", help="Retrieval distance: euclidean on raw features (paper) or cosine."),
+    alpha_e: float = typer.Option(0.05, min=1e-6, max=0.5, help="One-sided error of each bound."),
+    seed: int = typer.Option(42, help="Seed of subsampling, chunking and the train split."),
+    backend: str = typer.Option("torch", help="Nearest-neighbour backend: torch (chunked) or faiss."),
+    out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/irs.json or ./<folder>_irs.json)."),
+    strict: bool = typer.Option(False, help="Fail on unreadable or non-image files instead of skipping them."),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+    cache_dir: Path | None = typer.Option(None),
+) -> None:
+    """Image Retrieval Score: IRS_alpha, IRS-inf with one-sided bounds, and IRS-inf,a against --test."""
+    from ..metrics.irs import score_irs
+
+    with _Bar() as progress:
+        result = score_irs(
+            path,
+            train,
+            test,
+            embedder=embedder,
+            weights=weights,
+            device=device,
+            batch_size=batch_size,
+            metric=metric,
+            alpha_e=alpha_e,
+            seed=seed,
+            backend=backend,
+            cache=_cache(no_cache, cache_dir),
+            strict=strict,
+            progress=progress,
+        )
+    r = result["synthetic"]
+    console.print(
+        f"synthetic: n={r['n_sampled']} N={r['n_train']} k={r['k_measured']} IRS_alpha={r['irs_alpha']:.4f} "
+        f"IRS_inf={r['irs_inf']:.4f} [{r['irs_inf_l']:.4f}, {r['irs_inf_u']:.4f}] ({result['bounds']})",
+        highlight=False,
+    )
+    if "adjusted" in result:
+        a = result["adjusted"]
+        sd = f" +- {a['irs_adjusted_sd']:.4f}" if a["irs_adjusted_sd"] is not None else ""
+        console.print(
+            f"real test IRS_inf={a['test']['irs_inf']:.4f}; IRS_inf,a = {a['irs_adjusted']:.4f}{sd} "
+            f"over {a['snth']['n_chunks']} chunk(s)",
+            highlight=False,
+        )
+    _report(result, out or (Path("irs.json") if path.suffix == ".npy" else _default_out(path, "irs")))
+
+
+@score_app.command("clip")
+def clip_cmd(
+    path: Path = typer.Argument(..., help="Run directory, or folder with prompt texts (manifest or prompt.txt)."),
+    model: str = typer.Option("clip-vit-b32", help="CLIP hub id, alias (clip-vit-b32/b16/l14) or local folder."),
+    device: str | None = typer.Option(None),
+    batch_size: int = typer.Option(64, min=1),
+    out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/clip.json or ./<folder>_clip.json)."),
+    strict: bool = typer.Option(False),
+    guidance: str | None = typer.Option(None),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+    cache_dir: Path | None = typer.Option(None),
+) -> None:
+    """CLIP score (100 * max(cos, 0), text vs image) per prompt, and CLIP R-precision."""
+    from ..metrics.clipscore import score_clip
+
+    with _Bar() as progress:
+        result = score_clip(
+            path,
+            model,
+            device=device,
+            batch_size=batch_size,
+            cache=_cache(no_cache, cache_dir),
+            strict=strict,
+            guidance=guidance,
+            progress=progress,
+        )
+    s = result["summary"]
+    rp = result["r_precision"]
+    console.print(
+        f"CLIP score over {s['n_prompts']} prompts: {s['mean']:.2f} +- {s['sd']:.2f}; R-precision "
+        + (f"{rp:.3f} among {result['r_precision_candidates']} prompts" if rp is not None else "n/a"),
+        highlight=False,
+    )
+    if result["truncated_prompts"]:
+        console.print(
+            f"[yellow]{len(result['truncated_prompts'])} prompt(s) truncated to "
+            f"{result['truncated_prompts'][0]['max_tokens']} tokens[/]"
+        )
+    _report(result, out or _default_out(path, "clip"))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(score_app, name="score")

@@ -1,0 +1,70 @@
+"""Image embedders behind one interface, and the feature cache.
+
+``get_embedder(name)`` names: ``clip-vit-b32`` (and other CLIP ids or local CLIP folders, also as
+``clip:<id-or-path>``), ``efficientnet-lite0``, ``swav`` and ``inception`` (both need ``weights=FILE``),
+and ``auto``: CLIP ViT-B/32 when its weights can be loaded, else efficientnet-lite0 with a note saying so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelNotFoundError
+from .base import Embedder, Preprocess
+from .cache import FeatureCache, default_cache_dir, embed_files
+
+EMBEDDERS = ("auto", "clip-vit-b32", "clip-vit-b16", "clip-vit-l14", "efficientnet-lite0", "swav", "inception")
+
+__all__ = ["EMBEDDERS", "Embedder", "FeatureCache", "Preprocess", "default_cache_dir", "embed_files", "get_embedder"]
+
+
+def _is_clip_name(name: str) -> bool:
+    if name.startswith(("clip:", "clip-")) or "/clip" in name.lower():
+        return True
+    config = Path(name) / "config.json"
+    return config.is_file() and '"clip"' in config.read_text()
+
+
+def get_embedder(
+    name: str = "auto",
+    *,
+    weights: str | Path | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+) -> Embedder:
+    """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back."""
+    note = None
+    if name == "auto":
+        try:
+            embedder = get_embedder("clip-vit-b32", device=device, batch_size=batch_size)
+        except ModelNotFoundError as err:
+            embedder = get_embedder("efficientnet-lite0", device=device, batch_size=batch_size)
+            note = f"CLIP ViT-B/32 not available ({err}); used efficientnet-lite0 instead"
+        embedder.note = note
+        return embedder
+    if name == "efficientnet-lite0":
+        from .effnet import EfficientNetLite0Embedder
+
+        embedder = EfficientNetLite0Embedder(
+            weights_path=str(weights) if weights else None, device=device, batch_size=batch_size
+        )
+    elif name == "swav":
+        from .convnets import SwAVEmbedder
+
+        embedder = SwAVEmbedder(weights, device=device, batch_size=batch_size)
+    elif name == "inception":
+        from .convnets import InceptionEmbedder
+
+        embedder = InceptionEmbedder(weights, device=device, batch_size=batch_size)
+    elif _is_clip_name(name):
+        from .clip import CLIPEmbedder
+
+        embedder = CLIPEmbedder(name.removeprefix("clip:"), device=device, batch_size=batch_size)
+    else:
+        raise InputError(
+            f"unknown embedder '{name}'; choose one of {', '.join(EMBEDDERS)}, a CLIP hub id or a local CLIP folder"
+        )
+    embedder.note = note
+    return embedder
