@@ -64,9 +64,7 @@ class Guider(ABC):
         self.context = context
 
     @abstractmethod
-    def combine(
-        self, preds: torch.Tensor, attention: dict[str, torch.Tensor], step: StepInfo
-    ) -> torch.Tensor:
+    def combine(self, preds: torch.Tensor, attention: dict[str, torch.Tensor], step: StepInfo) -> torch.Tensor:
         """Combine ``preds`` (K, B, C, H, W) into the guided prediction (B, C, H, W)."""
 
     def records(self) -> list[dict[str, Any]]:

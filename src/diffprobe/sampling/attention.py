@@ -1,0 +1,75 @@
+"""Attention capture: forward pre-hooks on exactly the requested attention modules.
+
+A hooked module still runs its own (fused) attention; the hook recomputes softmax(QK^T * scale) from the same
+inputs, averages it over heads and keeps it. Unrequested layers are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from ..guidance.base import AttentionLayer
+
+
+def attention_probs(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities (batch, queries, keys) of a diffusers ``Attention`` module, in fp32."""
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if getattr(attn, "group_norm", None) is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    context = hidden_states
+    if encoder_hidden_states is not None:
+        context = encoder_hidden_states
+        if getattr(attn, "norm_cross", None):
+            context = attn.norm_encoder_hidden_states(context)
+    batch, heads = hidden_states.shape[0], attn.heads
+    q = attn.to_q(hidden_states)
+    k = attn.to_k(context)
+    q = q.view(batch, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+    k = k.view(batch, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
+    if attention_mask is not None:
+        mask = attention_mask
+        if mask.dtype == torch.bool:
+            mask = torch.zeros_like(mask, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+        while mask.ndim < 4:  # (B, L) or (B, 1, L) -> (B, 1, 1, L)
+            mask = mask.unsqueeze(1)
+        scores = scores + mask.float()
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+@contextmanager
+def capture_attention(model: torch.nn.Module, layers: Sequence[AttentionLayer]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the context, ``maps[layer.name]`` holds the latest head-averaged map of each requested layer."""
+    maps: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for layer in layers:
+        if layer.name not in modules:
+            raise KeyError(f"no attention module named {layer.name!r} in {type(model).__name__}")
+
+        def hook(module, args, kwargs, name=layer.name):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            maps[name] = attention_probs(
+                module, hidden, kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")
+            )
+
+        handles.append(modules[layer.name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
