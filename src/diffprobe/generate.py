@@ -14,15 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, \
-    TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from .guidance import Guider, make_guider
 from .prompts import Prompt
 from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, create_run, is_run_dir, open_run
-
 
 DEFAULT_STEPS = 50
 

@@ -116,7 +116,7 @@ def job_key(identity: dict[str, Any], prompt: str, seed: int, sampler: dict[str,
 # --- seeds -----------------------------------------------------------------------------------------------
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-_NAMED = re.compile(r"^([a-z][a-z0-9_-]*)(?::(\d+))?$")
+_NAMED = re.compile(r"^([a-z][a-z0-9_]*)(?::(\d+))?$")
 
 
 def check_seeds(seeds: list[int]) -> None:

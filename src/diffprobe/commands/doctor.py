@@ -118,8 +118,8 @@ def register(app: typer.Typer) -> None:
         cuda = ", ".join(report["cuda_devices"]) or "none"
         console.print(f"device: {report['device']}  dtype: {report['dtype']}  CUDA: {report['cuda_available']} "
                       f"({cuda}; CUDA {report['cuda_version']})  MPS: {report['mps_available']}", highlight=False)
-        console.print(f"HF_HUB_OFFLINE={report['HF_HUB_OFFLINE'] or '(unset)'}  HF_HOME={report['HF_HOME'] or '(unset)'}",
-                      highlight=False)
+        hub = f"HF_HUB_OFFLINE={report['HF_HUB_OFFLINE'] or '(unset)'}  HF_HOME={report['HF_HOME'] or '(unset)'}"
+        console.print(hub, highlight=False)
         versions = "  ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
         missing = [k for k, v in report["versions"].items() if not v]
         console.print(versions + (f"  (not installed: {', '.join(missing)})" if missing else ""), highlight=False)

@@ -1,0 +1,154 @@
+import json
+
+import pytest
+
+from diffprobe import prompts as P
+from diffprobe.errors import InputError
+from diffprobe.prompts import Comp90Object, Prompt, comp90_numerical, load_prompts, read_prompt_file, unique
+
+
+def test_txt_skips_blank_lines_and_strips(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\ufeffa cat \n\n  a dog\n\n")
+    assert [p.text for p in read_prompt_file(f)] == ["a cat", "a dog"]
+
+
+def test_csv_keeps_other_columns_as_meta(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text('id,prompt,tag\n1,"a cat, sitting",x\n2,a dog,y\n')
+    got = read_prompt_file(f)
+    assert [(p.text, p.meta) for p in got] == [("a cat, sitting", {"id": "1", "tag": "x"}),
+                                               ("a dog", {"id": "2", "tag": "y"})]
+
+
+def test_tsv_and_json(tmp_path):
+    (tmp_path / "p.tsv").write_text("prompt\tn\na, b\t3\n")
+    assert read_prompt_file(tmp_path / "p.tsv") == [Prompt("a, b")]
+    (tmp_path / "p.json").write_text(json.dumps(["x", {"prompt": "y", "k": 1}]))
+    got = read_prompt_file(tmp_path / "p.json")
+    assert [p.text for p in got] == ["x", "y"] and got[1].meta == {"k": 1}
+
+
+def test_jsonl(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a cat", "count": 2}\n\n{"prompt": "a dog"}\n')
+    got = read_prompt_file(f)
+    assert [p.text for p in got] == ["a cat", "a dog"] and got[0].meta == {"count": 2}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", "\n \n", "holds no prompts"),
+        ("empty.csv", "", "holds no prompts"),
+        ("header.csv", "prompt\n", "holds no prompts"),
+        ("nocol.csv", "text\na cat\n", "no 'prompt' column"),
+        ("ragged.csv", "prompt\na cat,extra\n", "line 2: more cells than columns"),
+        ("blank.csv", "prompt,x\n,1\n", "line 2: 'prompt' must be a non-empty string"),
+        ("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n', "line 2: invalid JSON"),
+        ("nokey.jsonl", '{"text": "a"}\n', "line 1: expected an object with a 'prompt' field"),
+        ("num.jsonl", '{"prompt": 3}\n', "'prompt' must be a non-empty string"),
+        ("obj.json", '{"prompt": "a"}', "must hold a JSON list"),
+        ("p.yaml", "- a\n", "unsupported prompt file"),
+    ],
+)
+def test_malformed_files(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_prompt_file(f)
+
+
+def test_binary_file_is_refused(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"a cat\n\xff\xfe\n")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_prompt_file(f)
+
+
+def test_missing_file_or_suite():
+    with pytest.raises(InputError, match="does not exist and is not a built-in suite"):
+        load_prompts("no/such/file.txt")
+
+
+def test_comp90_numerical_expansion(tmp_path):
+    (tmp_path / "objects_eval.txt").write_text("apple, an apple, apples\nmouse, a mouse, mice\n")
+    (tmp_path / "backgrounds_eval.txt").write_text("on a sunny beach\nunder a starry desert sky\n")
+    got = read_prompt_file(tmp_path / "objects_eval.txt")
+    assert len(got) == 2 * 2 * 5
+    assert got[0] == Prompt("two apples, on a sunny beach")
+    assert got[0].meta == {"count": 2, "object": "apple", "background": "on a sunny beach"}
+    assert got[4].text == "six apples, on a sunny beach"
+    assert got[5].text == "two mice, on a sunny beach"
+    assert got[-1].text == "six mice, under a starry desert sky"
+
+
+def test_comp90_errors(tmp_path):
+    (tmp_path / "objects_train.txt").write_text("apple, apples\n")
+    with pytest.raises(InputError, match="backgrounds_train.txt is missing"):
+        read_prompt_file(tmp_path / "objects_train.txt")
+    (tmp_path / "backgrounds_train.txt").write_text("on a sunny beach\n")
+    with pytest.raises(InputError, match="line 1: expected 'singular, with article, plural'"):
+        read_prompt_file(tmp_path / "objects_train.txt")
+    with pytest.raises(InputError, match="number word"):
+        comp90_numerical([Comp90Object("a", "an a", "as")], ["x"], counts=[11])
+
+
+def test_builtin_scs100():
+    got = load_prompts("scs100")
+    assert len(got) == 100
+    assert got[0].text == "a portrait painting of a cat wearing a tuxedo and top hat"
+    # the file has 104 lines; the paper used the first 100
+    assert got[99].text == "a pencil drawing of a whimsical tree house nestled in the branches of a giant oak tree"
+    sdxl, lora = load_prompts("scs100-monet-sdxl"), load_prompts("scs100-monet-lora")
+    assert len(sdxl) == len(lora) == 50
+    assert all(a.text.endswith("in the style of Monet") and b.text.endswith("in the style of TOK")
+               for a, b in zip(sdxl, lora, strict=True))
+
+
+def test_builtin_cc500_has_reference_noun_phrases():
+    got = load_prompts("cc500")
+    assert got[0].text == "a green bench and a red car"
+    assert got[0].meta["noun_phrases"] == ["a green bench", "a red car"]
+    assert got[0].meta["nouns"] == ["bench", "car"]
+    kept, dropped = unique(got)
+    assert len(got) == 636 and len(kept) == 622 and dropped == 14
+
+
+def test_suites_ship_with_their_licences():
+    for folder in ("scs100", "cc500"):
+        assert "MIT License" in (P.DATA / folder / "LICENSE.txt").read_text()
+    assert "brinnaebent/semantic-consistency-score" in (P.DATA / "README.md").read_text()
+
+
+def test_unique_keeps_first_occurrence():
+    kept, dropped = unique([Prompt("a", {"i": 0}), Prompt("b"), Prompt("a", {"i": 2})])
+    assert [p.text for p in kept] == ["a", "b"] and kept[0].meta == {"i": 0} and dropped == 1
+
+
+def test_shapes_suite_hook(monkeypatch):
+    import diffprobe.worlds.shapes as shapes
+    from diffprobe.worlds.shapes.grammar import prompts as shapes_prompts
+
+    calls = []
+
+    def fake(split, category=None):
+        calls.append((split, category))
+        return shapes_prompts(split, category, n=3)
+
+    monkeypatch.setattr(shapes, "prompts", fake, raising=False)
+    got = load_prompts("shapes-eval-count")
+    expected = shapes_prompts("eval", "count", n=3)
+    assert calls == [("eval", "count")]
+    assert [p.text for p in got] == [s.caption for s in expected]
+    assert got[0].meta["category"] == "count" and got[0].meta["split"] == "eval"
+    load_prompts("shapes-train")
+    assert calls[-1] == ("train", None)
+
+
+def test_shapes_suite_missing_hook(monkeypatch):
+    import diffprobe.worlds.shapes as shapes
+
+    monkeypatch.delattr(shapes, "prompts", raising=False)
+    with pytest.raises(InputError, match="shapes world is not available"):
+        load_prompts("shapes-eval")

@@ -1,0 +1,111 @@
+import hashlib
+import json
+
+import pytest
+
+from diffprobe.errors import InputError
+from diffprobe.spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec, canonical_json, flatten, job_key, parse_seeds
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0-4", [0, 1, 2, 3, 4]),
+        ("7", [7]),
+        ("3,1,2", [3, 1, 2]),
+        ("0-2, 10, 20-21", [0, 1, 2, 10, 20, 21]),
+        (" 5 - 6 ", [5, 6]),
+        ("scs100:3", [892834, 318110, 724172]),
+    ],
+)
+def test_parse_seeds(text, expected):
+    assert parse_seeds(text) == expected
+
+
+def test_named_seed_list_defaults_to_the_papers_twenty():
+    seeds = parse_seeds("scs100")
+    assert len(seeds) == 20 and seeds[:2] == [892834, 318110]
+
+
+def test_seed_file(tmp_path):
+    f = tmp_path / "seeds.txt"
+    f.write_text("42\n7\n\n1000000\n")
+    assert parse_seeds(f"@{f}") == [42, 7, 1000000]
+    f.write_text("42\nseven\n")
+    with pytest.raises(InputError, match="one integer per line"):
+        parse_seeds(f"@{f}")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("19-0", "end is below the start"),
+        ("0-3,2", "seed 2 is listed twice"),
+        ("-3", "bad seed"),
+        ("a-b", "bad seed"),
+        ("1.5", "bad seed"),
+        ("", "empty --seeds"),
+        ("0,,1", "bad seed"),
+        ("scs100:101", "ask for 1..100"),
+        ("foo", "unknown seed list"),
+        (str(2**63), "out of range"),
+    ],
+)
+def test_bad_seeds(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_seeds(text)
+
+
+def test_job_key_is_sha256_of_canonical_json():
+    identity = {"model": "m", "family": "sd", "weights_sha256": "ab"}
+    sampler = {"steps": 4, "scheduler": "default", "height": 32, "width": 32, "dtype": "float32",
+               "generator_device": "cpu"}
+    guidance = {"name": "cfg", "scale": 7.5, "rescale": 0.0}
+    expected = hashlib.sha256(
+        json.dumps({"guidance": guidance, "model": identity, "prompt": "a cat", "sampler": sampler, "seed": 3},
+                   sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    assert job_key(identity, "a cat", 3, sampler, guidance) == expected
+    # Dict order does not matter; every ingredient does.
+    assert job_key(dict(reversed(identity.items())), "a cat", 3, sampler, guidance) == expected
+    variants = [
+        job_key({**identity, "weights_sha256": "cd"}, "a cat", 3, sampler, guidance),
+        job_key(identity, "a cat ", 3, sampler, guidance),
+        job_key(identity, "a cat", 4, sampler, guidance),
+        job_key(identity, "a cat", 3, {**sampler, "steps": 5}, guidance),
+        job_key(identity, "a cat", 3, {**sampler, "generator_device": "cuda"}, guidance),
+        job_key(identity, "a cat", 3, sampler, {**guidance, "scale": 7.0}),
+    ]
+    assert len({expected, *variants}) == 1 + len(variants)
+
+
+def test_canonical_json_is_order_free():
+    assert canonical_json({"b": 1, "a": [1, {"d": 2, "c": 3}]}) == '{"a":[1,{"c":3,"d":2}],"b":1}'
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1], "e": {}}
+
+
+def test_mismatch_lists_generation_differences_only():
+    base = RunSpec(prompts=["a"], seeds=[0], model=ModelSpec(name="m"), sampler=SamplerSpec(steps=10))
+    assert base.mismatch(base) == []
+    # prompts, seeds and the device (not part of any image's identity) are not generation settings
+    other = base.model_copy(update={"prompts": ["b"], "seeds": [1], "model": ModelSpec(name="m", device="cuda")})
+    assert other.mismatch(base) == []
+    changed = base.model_copy(update={"sampler": SamplerSpec(steps=20), "guidance": GuidanceSpec(params={"scale": 5})})
+    assert changed.mismatch(base) == [
+        "guidance.params.scale: 7.5 (run) != 5 (now)",
+        "sampler.steps: 10 (run) != 20 (now)",
+    ]
+
+
+def test_runspec_validation():
+    with pytest.raises(ValueError):
+        RunSpec(prompts=[], seeds=[0])
+    with pytest.raises(InputError, match="listed twice"):
+        RunSpec(prompts=["a"], seeds=[1, 1])
+    with pytest.raises(ValueError):
+        SamplerSpec(steps=0)
+    spec = RunSpec(prompts=["a"], seeds=[0, 1])
+    assert RunSpec.model_validate(json.loads(spec.model_dump_json())) == spec
