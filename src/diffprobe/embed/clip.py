@@ -38,14 +38,18 @@ class CLIPEmbedder(Embedder):
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
     ):
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        import transformers
+        from transformers import AutoTokenizer, CLIPModel
+
+        # only the processor's settings are read; the PIL variant avoids an optional torchvision dependency
+        processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
         source = CLIP_ALIASES.get(name_or_path, name_or_path)
         local_only = _offline() or Path(source).is_dir()
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            processor = CLIPImageProcessor.from_pretrained(source, local_files_only=local_only)
+            processor = processor_cls.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError) as err:
             raise ModelNotFoundError(
                 f"CLIP weights '{source}' are not available ({type(err).__name__}). Give a local folder saved with "
