@@ -114,9 +114,10 @@ def test_efficientnet_lite0_loads_strictly_and_embeds(effnet):
     assert set(state) == set(EfficientNetLite0().state_dict())  # every checkpoint key has a place
     assert effnet.dim == 1280 and effnet.id.startswith("efficientnet-lite0|sha256:")
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(64, 80), (224, 224),
-                                                                                           (300, 200), (50, 50),
-                                                                                           (90, 120)]]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for h, w in [(64, 80), (224, 224), (300, 200), (50, 50), (90, 120)]
+    ]
     feats = effnet.embed(images)  # mixed sizes, batch of 4 then 1
     assert feats.shape == (5, 1280) and feats.dtype == np.float32
     assert (feats >= 0).all() and (feats <= 6).all()  # ReLU6 outputs averaged

@@ -9,13 +9,12 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from test_embed import MeanColor
 from typer.testing import CliRunner
 
 from diffprobe.embed import FeatureCache
 from diffprobe.errors import InputError
-from diffprobe.metrics.scs import scs, scs_batch, scs_per_prompt, scs_sensitivity, score_scs, summarize
-
-from test_embed import MeanColor
+from diffprobe.metrics.scs import score_scs, scs, scs_batch, scs_per_prompt, scs_sensitivity, summarize
 
 
 def scs_reference(features) -> float:
@@ -170,8 +169,16 @@ def test_run_directory_cache_lives_in_the_run(tmp_path):
     for p, prompt in enumerate(["a cat", "a dog"]):
         for seed in (1, 2, 3):
             image = Image.new("RGB", (16, 16), (50 * p + seed, 20 * seed, 0))
-            items.append(NewSample(key=f"{prompt}-{seed}", prompt=prompt, seed=seed, image=image,
-                                   guidance={"name": "cfg", "scale": 7.5}, provenance={}))
+            items.append(
+                NewSample(
+                    key=f"{prompt}-{seed}",
+                    prompt=prompt,
+                    seed=seed,
+                    image=image,
+                    guidance={"name": "cfg", "scale": 7.5},
+                    provenance={},
+                )
+            )
     store.add(items)
     store.close()
     emb = MeanColor()
@@ -189,8 +196,22 @@ def test_cli_scs_and_bad_input(tmp_path, monkeypatch):
     root = _grouped_folder(tmp_path / "imgs", n_prompts=2, per_prompt=3)
     out = tmp_path / "scs.json"
     runner = CliRunner()
-    res = runner.invoke(app, ["score", "scs", str(root), "--embedder", "efficientnet-lite0", "--out", str(out),
-                              "--n-boot", "5", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            "scs",
+            str(root),
+            "--embedder",
+            "efficientnet-lite0",
+            "--out",
+            str(out),
+            "--n-boot",
+            "5",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["embedder"]["name"] == "efficientnet-lite0" and len(data["per_prompt"]) == 2

@@ -14,6 +14,7 @@ integer range k..N (the Stirling term does not depend on s). The bounds are one-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,14 +56,16 @@ def nearest_neighbors(
     if backend == "faiss":
         return _faiss_nn(train, queries, metric, train_chunk)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    q_all = torch.from_numpy(np.array(queries, dtype=np.float32))
     if metric == "cosine":
         q_all = torch.nn.functional.normalize(q_all, dim=1)
     n = len(q_all)
     best = torch.full((n,), float("inf"))
     best_idx = torch.zeros(n, dtype=torch.int64)
     for t0 in range(0, len(train), train_chunk):
-        t = torch.from_numpy(np.ascontiguousarray(train[t0 : t0 + train_chunk], dtype=np.float32)).to(dev)
+        t = torch.from_numpy(np.array(train[t0 : t0 + train_chunk], dtype=np.float32)).to(
+            dev
+        )  # copy: memmaps are read-only
         if metric == "cosine":
             t = torch.nn.functional.normalize(t, dim=1)
             bias = None
@@ -114,6 +117,8 @@ def _check_counts(k: int, n: int, N: int) -> None:
 def mle_s(k: int, n: int, N: int) -> int:
     """Maximum-likelihood number of learned images, argmax over the integers k..N (first maximum)."""
     _check_counts(k, n, N)
+    if k == n:  # all hits distinct: the likelihood never decreases in s (flat for n = 1), so IRS-inf saturates
+        return N
     s = np.arange(k, N + 1)
     return int(k + np.argmax(log_likelihood(k, n, s)))
 
@@ -155,6 +160,7 @@ def log_stirling2_temme(n: int) -> np.ndarray:
 EXACT_STIRLING_MAX_N = 5000  # the exact recurrence is O(n^2) (0.4 s at 5 000); Temme is within 1e-4 nats there
 
 
+@functools.lru_cache(maxsize=8)  # bounds for many query sets of one size reuse it; callers only read it
 def log_stirling2(n: int, method: str = "auto") -> np.ndarray:
     if method == "exact" or (method == "auto" and n <= EXACT_STIRLING_MAX_N):
         return log_stirling2_exact(n)
