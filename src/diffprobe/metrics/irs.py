@@ -32,15 +32,16 @@ def nearest_neighbors(
     queries: np.ndarray,
     metric: str = "euclidean",
     *,
-    train_chunk: int = 65536,
-    query_chunk: int = 4096,
+    train_chunk: int = 32768,
+    query_chunk: int = 2048,
     device: str | torch.device | None = None,
     backend: str = "torch",
 ) -> np.ndarray:
     """Index of the nearest training row for every query row (int64 [n]); ties go to the lowest index.
 
-    Memory is bounded by the chunk sizes: the train set is read once, chunk by chunk (it may be a
-    ``np.memmap``), and only an ``n``-long running minimum is kept.
+    Memory is bounded by the chunk sizes (one train chunk and one float32 [query_chunk, train_chunk] score
+    buffer, 256 MiB by default): the train set is read once, chunk by chunk (it may be a ``np.memmap``), and
+    only an ``n``-long running minimum is kept.
     """
     if train.ndim != 2 or queries.ndim != 2:
         raise InputError("features must be 2-D arrays [count, dim]")
@@ -73,7 +74,8 @@ def nearest_neighbors(
             bias = (t * t).sum(1)  # ||x||^2; ||q||^2 is constant per query and drops out of the argmin
         for q0 in range(0, n, query_chunk):
             q = q_all[q0 : q0 + query_chunk].to(dev)
-            score = -2.0 * (q @ t.T) + bias if bias is not None else -(q @ t.T)
+            # one [query_chunk, train_chunk] buffer: ||x||^2 - 2 q.x (euclidean) or -q.x (cosine)
+            score = torch.addmm(bias, q, t.T, alpha=-2.0) if bias is not None else (q @ t.T).neg_()
             value, idx = score.min(dim=1)
             value, idx = value.cpu(), idx.cpu() + t0
             better = value < best[q0 : q0 + len(q)]  # strict: earlier chunks win ties
