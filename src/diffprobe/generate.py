@@ -29,7 +29,7 @@ from rich.text import Text
 from .guidance import Guider, make_guider
 from .prompts import Prompt
 from .spec import RunSpec, job_key
-from .store import NewSample, RepairReport, RunStore, create_run, is_run_dir, open_run
+from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 
 DEFAULT_STEPS = 50
 
@@ -109,17 +109,24 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def open_for_spec(out: str | Path, spec: RunSpec, *, new: bool = False, extend: bool = False) -> RunStore:
-    """The run directory for ``spec``, created if needed; an existing run must match (RunMismatchError)."""
-    if is_run_dir(out) and not new:
-        store = open_run(out, write=True)
-        try:
+def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Console) -> RunStore:
+    """Open the run at ``out`` for writing and check ``spec`` against it (RunMismatchError). A run that holds
+    no image yet (its first call failed or was stopped early) simply takes the new spec."""
+    store = open_run(out, write=True)
+    try:
+        stored = store.spec
+        if len(store) == 0 and stored is not None and stored != spec:
+            console.print(f"note: {store.root} held no images yet; its settings are replaced", highlight=False)
+            store.set_meta("spec", spec.model_dump(mode="json"))
+            store.set_meta("config", None)
+        else:
             store.check_spec(spec, extend=extend)
-        except BaseException:
-            store.close()
-            raise
-        return store
-    return create_run(out, spec, new=new)
+    except BaseException:
+        store.close()
+        raise
+    if store.repair_report:
+        console.print(f"[yellow]repaired {store.root}:[/] {store.repair_report}", highlight=False)
+    return store
 
 
 class _RateColumn(ProgressColumn):
@@ -151,19 +158,13 @@ def generate(
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
     console = console or Console(stderr=True)
     guider = make_guider(spec.guidance.name, **spec.guidance.params)
-    store = open_for_spec(out, spec, new=new, extend=extend)
+    # Check everything that can fail before a new run directory is made, so a typo leaves nothing behind.
+    store = open_existing(out, spec, extend=extend, console=console) if is_run_dir(out) and not new else None
+    if store is None:
+        check_new_run_dir(out, new=new)
     try:
-        if store.repair_report:
-            console.print(f"[yellow]repaired {store.root}:[/] {store.repair_report}", highlight=False)
-        metas = {p.text: p.meta for p in prompts}
-        store.add_prompts((text, metas.get(text, {})) for text in spec.prompts)
-        done = store.keys()
-        stored_config = store.get_meta("config")
-        # A run that is already complete needs no model at all.
-        if adapter is None and stored_config is not None and stored_config.get("guidance") == guider.config():
-            jobs = plan(spec.prompts, spec.seeds, stored_config)
-            if all(j.key in done for j in jobs):
-                return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=store.repair_report)
+        if store is not None and (done := _complete(store, spec, guider)) is not None:
+            return done  # a complete run needs no model at all
         if adapter is None:
             from .models import load_model
 
@@ -173,15 +174,33 @@ def generate(
         check_size = getattr(adapter, "check_size", None)
         if check_size is not None:  # fail before any work, not at the first batch
             check_size(config["sampler"]["height"], config["sampler"]["width"])
+        if store is None:
+            store = create_run(out, spec, new=new)
         store.check_config(config)
+        metas = {p.text: p.meta for p in prompts}
+        store.add_prompts((text, metas.get(text, {})) for text in spec.prompts)
+        done_keys = store.keys()
         jobs = plan(spec.prompts, spec.seeds, config)
-        todo = [j for j in jobs if j.key not in done]
+        todo = [j for j in jobs if j.key not in done_keys]
         result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=store.repair_report)
         if todo:
             _run_jobs(store, adapter, guider, spec, config, todo, batch_size, result, console, progress)
         return result
     finally:
-        store.close()
+        if store is not None:
+            store.close()
+
+
+def _complete(store: RunStore, spec: RunSpec, guider: Guider) -> GenerateResult | None:
+    """The result for a run that already holds every job of ``spec`` (keys from its stored config), else None."""
+    config = store.get_meta("config")
+    if config is None or config.get("guidance") != guider.config():
+        return None
+    jobs = plan(spec.prompts, spec.seeds, config)
+    done = store.keys()
+    if not all(j.key in done for j in jobs):
+        return None
+    return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=store.repair_report)
 
 
 def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, config: dict[str, Any],

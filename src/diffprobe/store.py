@@ -133,10 +133,8 @@ def create_run(path: str | Path, spec: RunSpec, *, new: bool = False) -> RunStor
     """Create a run directory for ``spec`` and open it for writing. An existing run is refused unless
     ``new`` is set, in which case it is moved aside to ``<path>.old-<timestamp>`` (nothing is deleted)."""
     path = Path(path)
+    check_new_run_dir(path, new=new)
     if path.exists() and any(path.iterdir()):
-        if not new:
-            raise RunMismatchError(f"{path} exists and is not empty; choose another --out, or pass --new to move "
-                                   "it aside and start a fresh run there")
         aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
         while aside.exists():
@@ -147,6 +145,16 @@ def create_run(path: str | Path, spec: RunSpec, *, new: bool = False) -> RunStor
     store = RunStore(path, write=True)
     store.set_meta("spec", spec.model_dump(mode="json"))
     return store
+
+
+def check_new_run_dir(path: str | Path, *, new: bool = False) -> None:
+    """A new run needs an empty or missing directory, unless ``new`` allows moving the old one aside."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file; --out needs a directory")
+    if path.exists() and any(path.iterdir()) and not new:
+        raise RunMismatchError(f"{path} exists and is not empty; choose another --out, or pass --new to move "
+                               "it aside and start a fresh run there")
 
 
 class RunStore:

