@@ -207,3 +207,26 @@ def test_many_jobs_images_match_sampler_directly(tiny_sd, tiny_sd_path, tmp_path
     with open_run(tmp_path / "run") as store:
         stored = store.samples()[0].image()
     assert np.array_equal(np.asarray(stored), np.asarray(direct.convert("RGB")))
+
+
+def test_concept_guidance_with_suite_noun_phrases(tiny_sd, tiny_sd_path, tmp_path):
+    """--concepts suite: each prompt is guided by its own reference noun phrases (cc500 style metadata)."""
+    prompts = [Prompt("a green bench and a red car", {"noun_phrases": ["a green bench", "a red car"]}),
+               Prompt("a blue cat", {"noun_phrases": "a blue cat"})]  # csv cells come as ';'-joined text
+    spec = RunSpec(model=ModelSpec(name=str(tiny_sd_path)), prompts=[p.text for p in prompts], seeds=[0],
+                   sampler=SamplerSpec(steps=STEPS, height=SIZE, width=SIZE),
+                   guidance=GuidanceSpec(name="concept", params={"scale": 5.0, "extractor": "suite"}))
+    result = generate(spec, tmp_path / "run", prompts=prompts, batch_size=2, adapter=tiny_sd, progress=False)
+    assert result.generated == 2
+    with open_run(tmp_path / "run") as store:
+        records = {s.prompt: s.records for s in store.samples()}
+        assert {s.guidance["extractor"] for s in store.samples()} == {"suite"}
+    assert records["a green bench and a red car"]["concepts"] == ["a green bench", "a red car"]
+    assert records["a blue cat"]["concepts"] == ["a blue cat"]
+    # a resumed call without the Prompt objects finds the metadata in the run
+    again = generate(spec.model_copy(update={"seeds": [0, 1]}), tmp_path / "run", extend=True, batch_size=2,
+                     adapter=tiny_sd, progress=False)
+    assert again.generated == 2
+    with pytest.raises(InputError, match="1 prompt\\(s\\) have none"):
+        generate(spec.model_copy(update={"prompts": ["a blue cat", "a dog"]}), tmp_path / "other",
+                 prompts=prompts, adapter=tiny_sd, progress=False)

@@ -26,12 +26,44 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from .errors import InputError
 from .guidance import Guider, make_guider
 from .prompts import Prompt
 from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 
 DEFAULT_STEPS = 50
+SUITE_CONCEPTS = "suite"  # guidance param extractor="suite": concepts from each prompt's suite metadata
+
+
+class SuiteConcepts:
+    """A concept extractor that looks up each prompt's reference noun phrases (``meta["noun_phrases"]``)."""
+
+    name = SUITE_CONCEPTS
+
+    def __init__(self, metas: dict[str, dict[str, Any]]):
+        self.table: dict[str, list[str]] = {}
+        for text, meta in metas.items():
+            phrases = meta.get("noun_phrases")
+            if isinstance(phrases, str):  # csv cells: "a red car;a green bench"
+                phrases = [p.strip() for p in phrases.split(";") if p.strip()]
+            if phrases:
+                self.table[text] = list(phrases)
+
+    def __call__(self, prompt: str) -> list[str]:
+        return list(self.table[prompt])
+
+
+def make_run_guider(spec: RunSpec, metas: dict[str, dict[str, Any]]) -> Guider:
+    """The guider ``spec`` names; ``extractor="suite"`` becomes a lookup in the prompts' metadata."""
+    params = dict(spec.guidance.params)
+    if params.get("extractor") == SUITE_CONCEPTS:
+        lookup = SuiteConcepts(metas)
+        if missing := [p for p in spec.prompts if p not in lookup.table]:
+            raise InputError(f"--concepts suite needs prompts with reference noun phrases (a 'noun_phrases' field, "
+                             f"as in --prompts cc500); {len(missing)} prompt(s) have none, e.g. {missing[0]!r}")
+        params["extractor"] = lookup
+    return make_guider(spec.guidance.name, **params)
 
 
 @dataclass(frozen=True)
@@ -129,6 +161,12 @@ def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Cons
     return store
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
@@ -152,12 +190,17 @@ def generate(
     ``prompts`` may carry per-prompt metadata (stored in the run's prompts table); ``adapter`` reuses an already
     loaded model (it must be the model ``spec`` names).
     """
-    from .errors import InputError
-
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
     console = console or Console(stderr=True)
-    guider = make_guider(spec.guidance.name, **spec.guidance.params)
+    if spec.sampler.generator_device == "cuda" and not _cuda_available():
+        raise InputError("--generator-device cuda needs a CUDA device; use --generator-device cpu (the default)")
+    metas = {text: {} for text in spec.prompts}
+    if is_run_dir(out):
+        with open_run(out) as existing:
+            metas.update(existing.prompt_meta())
+    metas.update({p.text: p.meta for p in prompts})
+    guider = make_run_guider(spec, metas)
     # Check everything that can fail before a new run directory is made, so a typo leaves nothing behind.
     store = open_existing(out, spec, extend=extend, console=console) if is_run_dir(out) and not new else None
     if store is None:
@@ -177,8 +220,7 @@ def generate(
         if store is None:
             store = create_run(out, spec, new=new)
         store.check_config(config)
-        metas = {p.text: p.meta for p in prompts}
-        store.add_prompts((text, metas.get(text, {})) for text in spec.prompts)
+        store.add_prompts((text, metas[text]) for text in spec.prompts)
         done_keys = store.keys()
         jobs = plan(spec.prompts, spec.seeds, config)
         todo = [j for j in jobs if j.key not in done_keys]

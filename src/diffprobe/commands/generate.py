@@ -54,7 +54,7 @@ def build_spec(*, model: str, family: str | None, dtype: str | None, device: str
     if scale is not None:
         params.setdefault("scale", scale)
     if concepts is not None:
-        params["concepts"] = _concepts(concepts, items)
+        params.update(_concept_params(concepts))
     try:
         spec = RunSpec(
             model=ModelSpec(name=model, family=family, dtype=dtype, device=device),
@@ -72,16 +72,14 @@ def build_spec(*, model: str, family: str | None, dtype: str | None, device: str
     return spec, items, dropped
 
 
-def _concepts(value: str, prompts: list[Prompt]) -> Any:
-    """``suite``: each prompt's reference noun phrases from its suite (e.g. cc500); anything else is passed
-    to the guider as is (an extractor name such as ``spacy``)."""
-    if value != "suite":
-        return value
-    missing = [p.text for p in prompts if not p.meta.get("noun_phrases")]
-    if missing:
-        raise InputError(f"--concepts suite needs prompts with reference noun phrases (e.g. --prompts cc500); "
-                         f"{len(missing)} prompt(s) have none, e.g. {missing[0]!r}")
-    return {p.text: list(p.meta["noun_phrases"]) for p in prompts}
+def _concept_params(value: str) -> dict[str, Any]:
+    """``--concepts``: ``suite`` (each prompt's reference noun phrases from its suite, e.g. cc500), an extractor
+    name (``spacy``, ``stanza``), or literal concepts for every prompt (``"a red book; a gold clock"``)."""
+    from ..generate import SUITE_CONCEPTS
+
+    if value == SUITE_CONCEPTS or value in ("spacy", "stanza"):
+        return {"extractor": value}
+    return {"concepts": value}
 
 
 def default_out(spec: RunSpec) -> Path:
@@ -109,8 +107,9 @@ def register(app: typer.Typer) -> None:
         scale: float | None = typer.Option(7.5, "--scale", help="Guidance scale."),
         guidance_param: list[str] = typer.Option([], "--guidance-param", help="Extra guider parameter key=value "
                                                  "(repeatable; values parse as JSON when they can)."),
-        concepts: str | None = typer.Option(None, "--concepts", help="Concept guidance: 'suite' uses the prompt "
-                                            "suite's reference noun phrases (cc500); other values go to the guider."),
+        concepts: str | None = typer.Option(None, "--concepts", help="Concept guidance: 'suite' (the prompt suite's "
+                                            "reference noun phrases, e.g. cc500), 'spacy' or 'stanza' (extractors), "
+                                            "or concepts for every prompt: 'a red book; a gold clock'."),
         height: int | None = typer.Option(None, "--height", help="Image height (default: the model's)."),
         width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
         batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call (does not change images)."),
