@@ -119,7 +119,7 @@ def test_missing_clip_gives_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="not available"):
         get_embedder("clip-vit-b32")
     emb = get_embedder("auto", device="cpu")
-    assert emb.name == "efficientnet-lite0" and "CLIP ViT-B/32 not available" in emb.note
+    assert emb.name == "efficientnet-lite0" and "used efficientnet-lite0" in emb.note
 
 
 def test_score_clip_folder_reports_truncation(tiny_clip, tmp_path):

@@ -100,3 +100,42 @@ def test_cli_compare(tmp_path):
     e = _result_json(tmp_path / "e.json", base.tolist(), embedder_id="other")
     res = runner.invoke(app, ["compare", str(a), str(e), "--out", str(out)])
     assert res.exit_code != 0 and "different embedders" in str(res.exception)
+
+
+def test_cli_compare_two_folders_scores_them(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from diffprobe.cli import app
+
+    monkeypatch.setenv("DIFFPROBE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    for model, spread in (("a", 80), ("b", 10)):  # b's images vary less per prompt
+        for p in range(3):
+            d = tmp_path / model / f"prompt{p}"
+            d.mkdir(parents=True)
+            base = rng.integers(60, 180, 3)
+            for i in range(3):
+                color = np.clip(base + rng.integers(-spread, spread + 1, 3), 0, 255)
+                Image.new("RGB", (32, 32), tuple(int(c) for c in color)).save(d / f"{i}.png")
+    out = tmp_path / "cmp.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--embedder",
+            "efficientnet-lite0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--n-boot",
+            "200",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["metric"] == "scs" and data["n_pairs"] == 3
+    assert data["embedder"]["name"] == "efficientnet-lite0"
+    assert [p["prompt"] for p in data["pairs"]] == ["prompt0", "prompt1", "prompt2"]

@@ -39,9 +39,12 @@ def get_embedder(
     if name == "auto":
         try:
             embedder = get_embedder("clip-vit-b32", device=device, batch_size=batch_size)
-        except ModelNotFoundError as err:
+        except ModelNotFoundError:
             embedder = get_embedder("efficientnet-lite0", device=device, batch_size=batch_size)
-            note = f"CLIP ViT-B/32 not available ({err}); used efficientnet-lite0 instead"
+            note = (
+                "CLIP ViT-B/32 weights could not be loaded (not cached, no hub access); used efficientnet-lite0 "
+                "instead, so scores are not comparable with CLIP-based ones (set HF_HUB_OFFLINE=1 to skip the hub)"
+            )
         embedder.note = note
         return embedder
     if name == "efficientnet-lite0":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import ModelNotFoundError
+from ..errors import InputError, ModelNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +70,10 @@ class Preprocess:
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images of any sizes -> float32 [B, 3, H, W], normalised."""
-        batch = torch.stack([self._one(im) for im in images])
+        tensors = [self._one(im) for im in images]
+        if len({t.shape for t in tensors}) > 1:  # only without a crop or square resize
+            raise InputError(f"preprocessing '{self.describe()}' gives different sizes for these images; set a crop")
+        batch = torch.stack(tensors)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (batch - mean) / std
