@@ -124,6 +124,24 @@ def test_size_not_divisible(tiny_sd, tiny_sd_path, tmp_path, capsys, monkeypatch
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_generator_without_cuda(tmp_path, capsys, monkeypatch):
+    result = cli(["generate", "-p", "x", "--generator-device", "cuda", "--out", tmp_path / "r"], capsys, monkeypatch)
+    assert_user_error(result, "--generator-device cuda needs a CUDA device")
+
+
+def test_spec_file(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "run.yaml"
+    f.write_text(f"model: {tiny_sd_path}\nprompts: [a red cube]\nseeds: 4-5\n"
+                 "sampler: {steps: 2, height: 16, width: 16}\nguidance: {name: cfg, scale: 3}\n")
+    code, _, err = cli(["generate", "--spec", f, "--out", tmp_path / "r", "-q"], capsys, monkeypatch)
+    assert code == 0, err
+    with open_run(tmp_path / "r") as store:
+        assert [(s.seed, s.guidance["scale"], s.width) for s in store.samples()] == [(4, 3.0, 16), (5, 3.0, 16)]
+    assert_user_error(cli(["generate", "--spec", f, "--seeds", "1", "--scale", "2", "--out", tmp_path / "r"],
+                          capsys, monkeypatch), "--spec cannot be combined with --seeds, --scale")
+
+
 def test_not_a_checkpoint_folder(tmp_path, capsys, monkeypatch):
     assert_user_error(cli(["generate", "--model", tmp_path, "-p", "x", "--out", tmp_path / "r"], capsys, monkeypatch),
                       "not a diffusers checkpoint folder")

@@ -109,3 +109,46 @@ def test_runspec_validation():
         SamplerSpec(steps=0)
     spec = RunSpec(prompts=["a"], seeds=[0, 1])
     assert RunSpec.model_validate(json.loads(spec.model_dump_json())) == spec
+
+
+def test_load_spec_file(tmp_path):
+    from diffprobe.spec import load_spec_file
+
+    (tmp_path / "p.txt").write_text("a cat\na dog\na cat\n")
+    f = tmp_path / "run.yaml"
+    f.write_text("model: {name: some/model, dtype: fp16}\nprompts: p.txt\nseeds: 0-2\n"
+                 "sampler: {steps: 30, scheduler: ddim, height: 768, width: 768}\n"
+                 "guidance: {name: scfg, scale: 7.5, r: 4}\n")
+    spec, items, dropped = load_spec_file(f)
+    assert spec.model == ModelSpec(name="some/model", dtype="fp16")
+    assert spec.prompts == ["a cat", "a dog"] and dropped == 1 and [p.text for p in items] == spec.prompts
+    assert spec.prompt_source == str(tmp_path / "p.txt")
+    assert spec.seeds == [0, 1, 2]
+    assert spec.sampler == SamplerSpec(steps=30, scheduler="ddim", height=768, width=768)
+    assert spec.guidance == GuidanceSpec(name="scfg", params={"scale": 7.5, "r": 4})
+    f.write_text("model: m\nprompts: cc500\nseeds: [5, 3]\n")
+    spec, items, _ = load_spec_file(f)
+    assert spec.seeds == [5, 3] and spec.guidance == GuidanceSpec() and items[0].meta["nouns"] == ["bench", "car"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("prompts: [a]\nseed: 1\n", "unknown key\\(s\\) seed"),
+        ("seeds: 0-3\n", "'prompts' is required"),
+        ("prompts: [a, '']\n", "list of non-empty strings"),
+        ("prompts: [a]\nseeds: [1, x]\n", "list of integers"),
+        ("prompts: [a]\nseeds: 3-1\n", "bad seed range"),
+        ("prompts: [a]\nsampler: {steps: 0}\n", "steps: Input should be greater than or equal to 1"),
+        ("prompts: [a]\nsampler: {stepz: 3}\n", "stepz"),
+        ("prompts: [a\n", "line 2: invalid YAML"),
+        ("- a\n", "must be a mapping"),
+    ],
+)
+def test_bad_spec_files(tmp_path, content, message):
+    from diffprobe.spec import load_spec_file
+
+    f = tmp_path / "run.yaml"
+    f.write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_spec_file(f)

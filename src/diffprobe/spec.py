@@ -178,3 +178,74 @@ def _named_seeds(name: str, n: int | None) -> list[int]:
     from .prompts import builtin_seeds
 
     return builtin_seeds(name, n)
+
+
+# --- YAML spec files ---------------------------------------------------------------------------------------
+
+SPEC_KEYS = {"model", "prompts", "seeds", "sampler", "guidance"}
+
+
+def load_spec_file(path: str | Path) -> tuple[RunSpec, list[Any], int]:
+    """Read a run spec from YAML; returns the spec, its prompts (``diffprobe.prompts.Prompt``, with metadata) and
+    how many repeated prompts were dropped::
+
+        model: stabilityai/stable-diffusion-2-1     # or {name: ..., family: ..., dtype: ...}
+        prompts: cc500                              # a suite, a file (relative to this file), or a list
+        seeds: 0-19                                 # same forms as --seeds, or a list of integers
+        sampler: {steps: 50, scheduler: ddim, height: 768, width: 768}
+        guidance: {name: cfg, scale: 7.5}           # every key but name is a guider parameter
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from .prompts import Prompt, load_prompts, unique
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"cannot read spec file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"spec file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"spec file {path} must be a mapping with keys: {', '.join(sorted(SPEC_KEYS))}")
+    if unknown := sorted(set(data) - SPEC_KEYS):
+        raise InputError(f"spec file {path}: unknown key(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(SPEC_KEYS))}")
+    raw_prompts = data.get("prompts")
+    if isinstance(raw_prompts, list):
+        if not all(isinstance(p, str) and p.strip() for p in raw_prompts):
+            raise InputError(f"spec file {path}: 'prompts' must be a list of non-empty strings, a file or a suite")
+        items, source = [Prompt(p.strip()) for p in raw_prompts], None
+    elif isinstance(raw_prompts, str):
+        local = path.parent / raw_prompts
+        source = str(local) if local.exists() else raw_prompts
+        items = load_prompts(source)
+    else:
+        raise InputError(f"spec file {path}: 'prompts' is required (a suite name, a file, or a list of prompts)")
+    items, dropped = unique(items)
+    seeds = data.get("seeds", "0")
+    if isinstance(seeds, list):
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise InputError(f"spec file {path}: 'seeds' must be a list of integers or a string like 0-19")
+        check_seeds(seeds)
+    else:
+        seeds = parse_seeds(str(seeds))
+    model = data.get("model", {})
+    guidance = dict(data.get("guidance") or {})
+    try:
+        spec = RunSpec(
+            model=ModelSpec(name=model) if isinstance(model, str) else ModelSpec(**model),
+            prompts=[p.text for p in items],
+            seeds=seeds,
+            sampler=SamplerSpec(**(data.get("sampler") or {})),
+            guidance=GuidanceSpec(name=guidance.pop("name", "cfg"), params=guidance or {"scale": 7.5}),
+            prompt_source=source,
+        )
+    except (ValidationError, TypeError) as err:
+        detail = err.errors()[0] if isinstance(err, ValidationError) else None
+        msg = (f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}" if detail else str(err))
+        raise InputError(f"spec file {path}: {msg}") from None
+    return spec, items, dropped

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from ..errors import InputError
 from ..prompts import Prompt, load_prompts, unique
-from ..spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec, canonical_json, parse_seeds
+from ..spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec, canonical_json, load_spec_file, parse_seeds
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -122,16 +122,31 @@ def register(app: typer.Typer) -> None:
         new: bool = typer.Option(False, "--new", help="Move an existing run at --out aside and start afresh."),
         extend: bool = typer.Option(False, "--extend", help="Add new prompts/seeds to an existing run."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        spec_file: Path | None = typer.Option(None, "--spec", help="Read model, prompts, seeds, sampler and "
+                                              "guidance from a YAML file instead of the flags."),
     ) -> None:
         """Generate images for every prompt x seed; re-running generates only what is missing."""
         from ..generate import generate
 
         console = Console(stderr=True)
-        spec, items, dropped = build_spec(
-            model=model, family=family, dtype=dtype, device=device, prompt=prompt, prompts_file=prompts,
-            seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
-            generator_device=generator_device, guidance=guidance, scale=scale, guidance_param=guidance_param,
-            concepts=concepts)
+        if spec_file is not None:
+            flags = {"--model": model != "shapes", "--prompt": bool(prompt), "--prompts": prompts is not None,
+                     "--seeds": seeds != "0", "--steps": steps is not None, "--scheduler": scheduler is not None,
+                     "--guidance": guidance != "cfg", "--scale": scale != 7.5, "--guidance-param": bool(guidance_param),
+                     "--concepts": concepts is not None, "--height": height is not None, "--width": width is not None,
+                     "--family": family is not None, "--dtype": dtype is not None,
+                     "--generator-device": generator_device != "cpu"}
+            if clash := [flag for flag, given in flags.items() if given]:
+                raise InputError(f"--spec cannot be combined with {', '.join(clash)}; set them in the spec file")
+            spec, items, dropped = load_spec_file(spec_file)
+            if device is not None:  # the device is a property of this machine, not of the run
+                spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": device})})
+        else:
+            spec, items, dropped = build_spec(
+                model=model, family=family, dtype=dtype, device=device, prompt=prompt, prompts_file=prompts,
+                seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
+                generator_device=generator_device, guidance=guidance, scale=scale, guidance_param=guidance_param,
+                concepts=concepts)
         if dropped:
             console.print(f"note: {dropped} repeated prompt(s) appear once in the run", highlight=False)
         if new and extend:
