@@ -150,22 +150,31 @@ def region_rates(
 ) -> torch.Tensor:
     """Per-pixel rate map (B, 1, H, W) from the guidance ``delta`` = cond - uncond (B, C, H, W) (steps 5 to 11).
 
-    ``masks`` (B, T, h, w) and ``benchmark`` (B, 1, h, w) are upsampled (nearest) to the latent grid;
-    ``benchmark=None`` uses the whole image as benchmark region.
+    ``masks`` (B, T, h, w) and ``benchmark`` (B, 1, h, w) are nearest-upsampled to the latent grid;
+    ``benchmark=None`` uses the whole image as benchmark region. When the latent is a whole multiple of the
+    mask grid, the region sums are taken per mask cell instead (the same sums, without upsampling T maps).
     """
-    size = delta.shape[-2:]
-    masks = F.interpolate(masks, size=size, mode="nearest")
+    size = tuple(delta.shape[-2:])
     norm = delta.float().norm(dim=1, keepdim=True)  # per-pixel L2 over channels
-    area = masks.sum(dim=(2, 3))
-    region = (norm * masks).sum(dim=(2, 3)) / (area + 1e-8)  # (B, T)
+    fh, fw = size[0] // masks.shape[-2], size[1] // masks.shape[-1]
+    if (fh * masks.shape[-2], fw * masks.shape[-1]) == size:
+        cell, unit = F.avg_pool2d(norm, (fh, fw)) * (fh * fw), fh * fw  # sum of the norms in each cell
+    else:
+        masks = F.interpolate(masks, size=size, mode="nearest")
+        if benchmark is not None:
+            benchmark = F.interpolate(benchmark, size=size, mode="nearest")
+        cell, unit = norm, 1
+    area = masks.sum(dim=(2, 3)) * unit
+    region = torch.einsum("bthw,bhw->bt", masks, cell[:, 0]) / (area + 1e-8)  # (B, T) mean norm per region
     if benchmark is None:
         bench = norm.mean(dim=(1, 2, 3))[:, None]
     else:
-        benchmark = F.interpolate(benchmark, size=size, mode="nearest")
-        bench = (norm * benchmark).sum(dim=(2, 3)) / (benchmark.sum(dim=(2, 3)) + 1e-8)  # (B, 1)
+        bench = (cell * benchmark).sum(dim=(2, 3)) / (benchmark.sum(dim=(2, 3)) * unit + 1e-8)  # (B, 1)
     rho = bench * (area > 0).float() / (region + 1e-8)
     rate = torch.einsum("bt,bthw->bhw", rho, masks)[:, None]
     rate = rate.clamp(clamp[0], clamp[1]).clamp_max(max_scale / scale)
+    if rate.shape[-2:] != size:
+        rate = F.interpolate(rate, size=size, mode="nearest")
     return gaussian_smooth(rate, *smoothing)
 
 
