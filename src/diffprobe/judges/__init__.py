@@ -1,0 +1,39 @@
+"""Compositional judges: ``make_judge(name).judge(image, question) -> Verdict``.
+
+Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import InputError
+from .base import Judge, ObjectSpec, Question, Verdict
+
+_REGISTRY: dict[str, Callable[[], Judge]] = {}
+
+
+def register_judge(name: str, factory: Callable[[], Judge]) -> None:
+    _REGISTRY[name] = factory
+
+
+def _shapes() -> Judge:
+    from ..worlds.shapes.judge import ShapesJudge
+
+    return ShapesJudge()
+
+
+register_judge("shapes", _shapes)
+
+
+def make_judge(name: str) -> Judge:
+    if name not in _REGISTRY:
+        raise InputError(f"unknown judge {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def available_judges() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+__all__ = ["Judge", "ObjectSpec", "Question", "Verdict", "available_judges", "make_judge", "register_judge"]

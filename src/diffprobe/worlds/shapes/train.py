@@ -1,0 +1,183 @@
+"""Train the shapes-world model from a seed: ``python -m diffprobe.worlds.shapes.train --out DIR``.
+
+Phase 1 trains the KL autoencoder on rendered scenes; phase 2 trains the UNet and the text encoder jointly with the
+epsilon-prediction loss, dropping 10% of captions so classifier-free guidance works, and keeps an EMA of both. Scenes
+are rendered on the fly (scene layouts in DataLoader workers, pixels on the training device). Writes ``DIR/weights``
+(a Stable-Diffusion-style diffusers folder), ``DIR/loss.csv`` and ``DIR/training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import grammar, model
+from .render import pack, render_packed
+
+MAX_SHAPES = 6
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item ``i`` is the i-th training batch: packed scenes and captions of a contiguous index range."""
+
+    def __init__(self, batch: int, offset: int = 0):
+        self.batch, self.offset = batch, offset
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, i: int):
+        start = self.offset + i * self.batch
+        examples = [grammar.training_example(j) for j in range(start, start + self.batch)]
+        params, colors = pack([s for s, _ in examples], MAX_SHAPES)
+        return params, colors, [c for _, c in examples]
+
+
+def _loader(batch: int, workers: int, offset: int = 0):
+    return iter(torch.utils.data.DataLoader(_Batches(batch, offset), batch_size=None, num_workers=workers,
+                                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None))
+
+
+def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        e, p = list(ema.parameters()), list(live.parameters())
+        torch._foreach_lerp_(e, p, 1 - decay)
+
+
+def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, batch: int = 256, lr: float = 4e-4,
+          max_minutes: float | None = None, device: str | None = None, workers: int = 8, log_every: int = 50) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    models = model.build_models(seed)
+    vae, unet, text_encoder = (models[k].to(dev) for k in ("vae", "unet", "text_encoder"))
+    tokenizer = model.build_tokenizer()
+    scheduler = model.build_scheduler()
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    gen = torch.Generator(dev).manual_seed(seed)
+    t0 = time.time()
+    deadline = t0 + max_minutes * 60 if max_minutes else math.inf
+    log = open(out / "loss.csv", "w", newline="")
+    writer = csv.writer(log)
+    writer.writerow(["phase", "step", "loss", "elapsed_s"])
+
+    # Phase 1: autoencoder (reconstruction + a whisper of KL, as in latent diffusion).
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    data = _loader(batch, workers, offset=10**8)
+    running = 0.0
+    for step in range(1, vae_steps + 1):
+        params, colors, _ = next(data)
+        x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
+        with torch.autocast(**amp):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(gen)).sample.float()
+        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        if step % log_every == 0:
+            writer.writerow(["vae", step, f"{running / log_every:.6f}", f"{time.time() - t0:.1f}"])
+            log.flush()
+            print(f"vae {step}: {running / log_every:.5f}", flush=True)
+            running = 0.0
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
+        params, colors, _ = _Batches(1024, 2 * 10**8)[0]
+        z = vae.encode(render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1).latent_dist.mode()
+        vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+        recon_mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1),
+                                     render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1))
+    sf = vae.config.scaling_factor
+    vae_seconds = time.time() - t0
+
+    # Phase 2: UNet + text encoder, epsilon loss, 10% caption dropout, EMA.
+    trainable = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    warmup = 300
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    alphas = scheduler.alphas_cumprod.to(dev)
+    data = _loader(batch, workers)
+    done = 0
+    running = 0.0
+    for step in range(1, steps + 1):
+        if time.time() > deadline:
+            break
+        params, colors, captions = next(data)
+        drop = torch.rand(len(captions), generator=gen, device=dev).cpu() < 0.1
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        ids = tokenizer(captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids.to(dev)
+        with torch.no_grad(), torch.autocast(**amp):
+            x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
+            z = vae.encode(x).latent_dist.sample(gen).float() * sf
+        noise = torch.randn(z.shape, generator=gen, device=dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=gen, device=dev)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        with torch.autocast(**amp):
+            emb = text_encoder(ids).last_hidden_state
+            pred = unet(zt, t, emb).sample.float()
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        done = step
+        running += loss.item()
+        if step % log_every == 0:
+            writer.writerow(["unet", step, f"{running / log_every:.6f}", f"{time.time() - t0:.1f}"])
+            log.flush()
+            print(f"unet {step}: {running / log_every:.5f} ({time.time() - t0:.0f}s)", flush=True)
+            running = 0.0
+    log.close()
+    total = time.time() - t0
+    model.save_pipeline(out / "weights", vae.cpu(), ema_unet.cpu(), ema_text.cpu())
+    info = {
+        "seed": seed, "vae_steps": vae_steps, "unet_steps": done, "unet_steps_requested": steps, "batch": batch,
+        "lr": lr, "warmup": warmup, "ema_decay": 0.999, "caption_dropout": 0.1, "max_minutes": max_minutes,
+        "vae_scaling_factor": sf, "vae_recon_mse": recon_mse, "seconds_vae": round(vae_seconds, 1),
+        "seconds_total": round(total, 1), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+        platform.processor() or "cpu", "torch": torch.__version__,
+        "parameters": model.parameter_counts({"vae": vae, "unet": unet, "text_encoder": text_encoder}),
+        "configs": {"vae": model.VAE_CONFIG, "unet": model.UNET_CONFIG, "text_encoder": model.TEXT_CONFIG,
+                    "scheduler": model.SCHEDULER_CONFIG},
+        "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("shapes-model"), help="output folder (weights/, loss.csv, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=6000, help="UNet + text-encoder steps")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop phase 2 early; training.json says where")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers that lay out scenes")
+    a = p.parse_args(argv)
+    info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers)
+    print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
+
+
+if __name__ == "__main__":
+    main()
