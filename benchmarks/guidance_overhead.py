@@ -79,7 +79,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--decode", action="store_true", help="include VAE decoding in the timed loop")
     parser.add_argument("--skip-branchwise", action="store_true", help="leave out the slow branch-by-branch arm")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -114,10 +124,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in arms:
             _sync(adapter.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             run(name)
             _sync(adapter.device)
-            times[name].append((time.perf_counter() - t0) / args.batch)
+            times[name].append((clock() - t0) / args.batch)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     device = (
@@ -125,7 +135,7 @@ def main() -> None:
     )
     print(
         f"model={args.model} device={device} dtype={adapter.dtype} size={size} steps={args.steps} "
-        f"batch={args.batch} repeats={args.repeats} decode={args.decode}"
+        f"batch={args.batch} repeats={args.repeats} decode={args.decode} clock={args.clock}"
     )
     for name, value in med.items():
         print(f"{name:32s} {value * 1000:9.1f} ms/image  {value / med['cfg']:6.3f} x CFG")

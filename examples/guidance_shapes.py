@@ -1,0 +1,263 @@
+"""Does S-CFG or concept guidance make the shapes model more compositionally correct than CFG?
+
+    python examples/guidance_shapes.py                       # 3 categories x 25 prompts x 4 seeds = 300 images/arm
+    python examples/guidance_shapes.py --prompts 50 --seeds 4 --out results/guidance_shapes
+
+Arms: CFG, S-CFG (official-code defaults) and concept guidance (V0 defaults, concepts from spaCy noun chunks
+unless --concepts grammar), all at the same guidance scale, steps, scheduler and seeds: every (prompt, seed) pair
+is sampled once per arm from identical initial noise. Prompts: the shapes world's eval split, categories
+``binding`` (attribute binding), ``count`` and ``relation`` (spatial). Every image is checked by the exact shapes
+judge.
+
+Reported per arm (and per category): accuracy with a 95 % Wilson interval; versus CFG, the paired difference with
+a 95 % bootstrap interval that resamples prompts (seeds of one prompt are not independent), the exact McNemar
+test on the (prompt, seed) pairs, and the Wilcoxon signed-rank test on per-prompt accuracies. SCS per arm (mean over
+prompts of the mean pairwise cosine x 100 across seeds, efficientnet-lite0 features unless --embedder) with the
+paired Wilcoxon test against CFG. Everything lands in ``OUT/results.json`` and ``OUT/images.jsonl``; the table is
+printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from diffprobe.guidance import CFG, Guider
+from diffprobe.guidance.concept import ConceptGuidance
+from diffprobe.guidance.scfg import SCFG
+from diffprobe.metrics.stats import bootstrap_mean_ci, compare_scores
+from diffprobe.models import load_model
+from diffprobe.sampling import sample
+from diffprobe.worlds.shapes.grammar import prompts as shapes_prompts
+
+CATEGORIES = ("binding", "count", "relation")
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test on paired booleans: only discordant pairs count."""
+    only_b, only_a = int((b & ~a).sum()), int((a & ~b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(stats.binomtest(only_b, n, 0.5).pvalue)
+    return {"b_only_correct": only_b, "a_only_correct": only_a, "p": p}
+
+
+def cluster_bootstrap_diff(rows_a: list[dict], rows_b: list[dict], n_boot: int = 10000) -> tuple[float, float, float]:
+    """Mean accuracy difference B - A with a percentile CI that resamples prompts (paired rows share the prompt)."""
+    per_prompt: dict[str, list[float]] = defaultdict(list)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        per_prompt[ra["prompt"]].append(float(rb["correct"]) - float(ra["correct"]))
+    d = np.array([np.mean(v) for v in per_prompt.values()])
+    lo, hi = bootstrap_mean_ci(d, n_boot=n_boot)
+    return float(d.mean()), lo, hi
+
+
+def make_arms(scale: float, concepts: str, grammar_concepts: dict[str, list[str]]) -> dict[str, Guider]:
+    extractor: Any = "spacy" if concepts == "spacy" else _Lookup(grammar_concepts)
+    return {
+        "cfg": CFG(scale=scale),
+        "scfg": SCFG(scale=scale),
+        "concept": ConceptGuidance(scale=scale, extractor=extractor),
+    }
+
+
+class _Lookup:
+    """Concepts straight from the grammar's question objects ("a red circle"), i.e. gold noun phrases."""
+
+    name = "grammar"
+
+    def __init__(self, table: dict[str, list[str]]):
+        self.table = table
+
+    def __call__(self, prompt: str) -> list[str]:
+        return list(self.table[prompt])
+
+
+def gold_phrases(p: Any) -> list[str]:
+    q = p.question
+    if q.kind == "count":
+        return [p.caption.removeprefix("there are ").split(" on a ")[0]]
+    return [f"a {obj}" for obj in q.objects]
+
+
+def load_judge() -> Any:
+    from diffprobe.worlds.shapes.judge import ShapesJudge
+
+    return ShapesJudge()
+
+
+def run_arm(adapter: Any, guider: Guider, jobs: list[tuple[Any, int]], args: argparse.Namespace) -> list[dict]:
+    """Sample every (prompt, seed) job; batches hold prompts with equal branch counts."""
+    groups: dict[int, list[tuple[Any, int]]] = defaultdict(list)
+    for p, seed in jobs:
+        groups[len(guider.branches(p.caption))].append((p, seed))
+    out: dict[tuple[str, int], dict] = {}
+    for group in groups.values():
+        for i in range(0, len(group), args.batch):
+            chunk = group[i : i + args.batch]
+            res = sample(adapter, guider, [p.caption for p, _ in chunk], [s for _, s in chunk], steps=args.steps)
+            for (p, seed), image, record in zip(chunk, res.images, res.records, strict=True):
+                out[(p.caption, seed)] = {"prompt_obj": p, "seed": seed, "image": image, "record": record}
+    return [out[(p.caption, seed)] for p, seed in jobs]  # job order, identical across arms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--prompts", type=int, default=25, help="prompts per category")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the same for every arm)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--scale", type=float, default=7.5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--concepts", choices=("spacy", "grammar"), default="spacy")
+    parser.add_argument("--embedder", default="efficientnet-lite0")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="results/guidance_shapes")
+    parser.add_argument("--save-images", action="store_true")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = load_model(args.model, device=args.device)
+    judge = load_judge()
+    suite = [p for c in CATEGORIES for p in shapes_prompts("eval", c, n=args.prompts)]
+    jobs = [(p, s) for p in suite for s in range(args.seeds)]
+    arms = make_arms(args.scale, args.concepts, {p.caption: gold_phrases(p) for p in suite})
+
+    rows: dict[str, list[dict]] = {}
+    images: dict[str, list[Any]] = {}
+    timing: dict[str, float] = {}
+    for name, guider in arms.items():
+        t0 = time.perf_counter()
+        done = run_arm(adapter, guider, jobs, args)
+        timing[name] = (time.perf_counter() - t0) / len(done)
+        verdicts = judge.judge_many([d["image"] for d in done], [d["prompt_obj"].question for d in done])
+        rows[name] = []
+        for d, v in zip(done, verdicts, strict=True):
+            p = d["prompt_obj"]
+            rec = {k: d["record"][k] for k in ("concepts", "mode", "benchmark") if k in d["record"]}
+            rows[name].append(
+                {
+                    "arm": name,
+                    "category": p.category,
+                    "prompt": p.caption,
+                    "seed": d["seed"],
+                    "correct": bool(v.correct),
+                    "answer": v.answer,
+                    "reason": v.reason,
+                    **rec,
+                }
+            )
+        images[name] = [d["image"] for d in done]
+        if args.save_images:
+            folder = out / "images" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, d in enumerate(done):
+                d["image"].save(folder / f"{i:05d}_s{d['seed']}.png")
+        acc = np.mean([r["correct"] for r in rows[name]])
+        print(f"{name}: {len(done)} images, accuracy {acc:.3f}, {timing[name]:.2f} s/image", flush=True)
+
+    with open(out / "images.jsonl", "w") as f:
+        for name in arms:
+            for r in rows[name]:
+                f.write(json.dumps(r) + "\n")
+
+    # SCS per arm: groups = the seeds of one prompt
+    from diffprobe.embed import get_embedder
+    from diffprobe.metrics.scs import scs_per_prompt
+
+    embedder = get_embedder(args.embedder, device=args.device if args.device != "auto" else None)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (p, _) in enumerate(jobs):
+        groups[p.caption].append(i)
+    scs = {name: scs_per_prompt(embedder.embed(images[name]), dict(groups)) for name in arms}
+
+    results: dict[str, Any] = {
+        "settings": {
+            **vars(args),
+            "images_per_arm": len(jobs),
+            "guiders": {n: g.config() for n, g in arms.items()},
+            "embedder": embedder.describe(),
+            "seconds_per_image": timing,
+        },
+        "arms": {},
+    }
+    table = [
+        "| arm | category | n | accuracy [95% CI] | diff vs CFG [95% CI] | McNemar p | Wilcoxon p | SCS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in arms:
+        entry: dict[str, Any] = {}
+        for cat in ("all", *CATEGORIES):
+            sel = [i for i, r in enumerate(rows[name]) if cat == "all" or r["category"] == cat]
+            ok = np.array([rows[name][i]["correct"] for i in sel])
+            lo, hi = wilson(int(ok.sum()), len(ok))
+            e: dict[str, Any] = {"n": len(ok), "accuracy": float(ok.mean()), "wilson95": [lo, hi]}
+            prompts_in = {rows[name][i]["prompt"] for i in sel}
+            e["scs_mean"] = float(np.mean([scs[name][p] for p in prompts_in]))
+            diff = "—"
+            mc_p = wx_p = "—"
+            if name != "cfg":
+                base = np.array([rows["cfg"][i]["correct"] for i in sel])
+                d, dlo, dhi = cluster_bootstrap_diff([rows["cfg"][i] for i in sel], [rows[name][i] for i in sel])
+                e["diff_vs_cfg"] = {"mean": d, "bootstrap95_prompts": [dlo, dhi]}
+                e["mcnemar"] = mcnemar_exact(base, ok)
+                acc_a = {
+                    p: np.mean([rows["cfg"][i]["correct"] for i in sel if rows["cfg"][i]["prompt"] == p])
+                    for p in prompts_in
+                }
+                acc_b = {
+                    p: np.mean([rows[name][i]["correct"] for i in sel if rows[name][i]["prompt"] == p])
+                    for p in prompts_in
+                }
+                cmp_acc = compare_scores(acc_a, acc_b, names=("cfg", name))
+                e["wilcoxon_per_prompt_accuracy_p"] = cmp_acc["wilcoxon"]["p"]
+                cmp_scs = compare_scores(
+                    {p: scs["cfg"][p] for p in prompts_in}, {p: scs[name][p] for p in prompts_in}, names=("cfg", name)
+                )
+                e["scs_vs_cfg"] = {
+                    "mean_diff": cmp_scs["difference"]["mean"],
+                    "wilcoxon_p": cmp_scs["wilcoxon"]["p"],
+                    "bootstrap95": [
+                        cmp_scs["difference"]["bootstrap_ci"]["low"],
+                        cmp_scs["difference"]["bootstrap_ci"]["high"],
+                    ],
+                }
+                diff = f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+                mc_p, wx_p = f"{e['mcnemar']['p']:.3g}", f"{e['wilcoxon_per_prompt_accuracy_p']:.3g}"
+            entry[cat] = e
+            scs_txt = f"{e['scs_mean']:.2f}"
+            if "scs_vs_cfg" in e:
+                scs_txt += f" (Δ {e['scs_vs_cfg']['mean_diff']:+.2f}, p {e['scs_vs_cfg']['wilcoxon_p']:.3g})"
+            table.append(
+                f"| {name} | {cat} | {len(ok)} | {ok.mean():.3f} [{lo:.3f}, {hi:.3f}] | {diff} | {mc_p} | "
+                f"{wx_p} | {scs_txt} |"
+            )
+        results["arms"][name] = entry
+    concept_counts = defaultdict(int)
+    for r in rows["concept"]:
+        concept_counts[len(r.get("concepts", []))] += 1
+    results["concept_counts"] = dict(concept_counts)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print("\n".join(table))
+    print(f"concept counts (n: images) {dict(concept_counts)}; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
