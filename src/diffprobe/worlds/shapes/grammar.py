@@ -93,7 +93,8 @@ def _pick_objects(rng: np.random.Generator, k: int, allow_heldout: bool, force_h
             return pairs
 
 
-def _place(rng: np.random.Generator, halves: list[float], constraint=None, tries: int = 2000) -> list[tuple[float, float]]:
+def _place(rng: np.random.Generator, halves: list[float], constraint=None,
+           tries: int = 2000) -> list[tuple[float, float]]:
     """Random non-overlapping box centres (rejection sampling); ``constraint(points)`` may veto a layout."""
     for _ in range(tries):
         pts: list[tuple[float, float]] = []

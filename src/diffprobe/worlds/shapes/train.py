@@ -160,6 +160,9 @@ def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, ba
         "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    from .evaluate import model_card
+
+    (out / "MODEL_CARD.md").write_text(model_card(info))  # evaluation: python -m diffprobe.worlds.shapes.evaluate
     return info
 
 

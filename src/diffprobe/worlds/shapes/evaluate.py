@@ -1,0 +1,187 @@
+"""Measure a shapes-world model with the exact judge: ``python -m diffprobe.worlds.shapes.evaluate``.
+
+Generates one image per eval-split prompt (seed = the prompt's index, CPU generator) with CFG and DDIM, judges it,
+and reports per-category accuracy with a Wilson 95% interval, split by seen/held-out combinations and phrasings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+from ...judges.base import ObjectSpec, Question
+from .grammar import CATEGORIES, ShapesPrompt, prompts
+from .judge import ShapesJudge, answer, detect
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Accuracy and Wilson CI per category and per (category, seen/held-out) group."""
+    groups: dict[str, list[bool]] = {}
+    for r in rows:
+        keys = [r["category"], "all"]
+        keys += [f"{r['category']}/{'heldout' if r['heldout_combo'] else 'seen'}-combo"]
+        keys += [f"{r['category']}/{'heldout' if r['heldout_phrasing'] else 'seen'}-phrasing"]
+        for k in keys:
+            groups.setdefault(k, []).append(r["correct"])
+        groups.setdefault(f"{r['category']}/ignoring-size", []).append(r["correct_ignoring_size"])
+    out = {}
+    for k, v in groups.items():
+        n, c = len(v), sum(v)
+        lo, hi = wilson(c, n)
+        out[k] = {"n": n, "correct": c, "accuracy": c / n, "ci95": [lo, hi]}
+    return out
+
+
+def _without_size(q: Question) -> Question:
+    objects = tuple(ObjectSpec(o.noun, o.color) for o in q.objects)
+    return Question(q.kind, objects, q.count, q.relation, q.text)
+
+
+def _save_grid(images: list, path: Path, cols: int = 10) -> None:
+    from PIL import Image
+
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, -(-len(images) // cols) * h), "white")
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def evaluate(model: str = "shapes", per_category: int = 150, steps: int = 25, scale: float = 3.5,
+             batch: int = 50, split: str = "eval", device: str | None = None, grid_dir: str | None = None,
+             log=print) -> dict:
+    """Generate and judge ``per_category`` prompts of each category; returns rows and the summary."""
+    from ...guidance import make_guider
+    from ...models import load_model
+    from ...sampling import sample
+
+    adapter = load_model(model, device=device, dtype="fp32")
+    guider = make_guider("cfg", scale=scale)
+    suite: list[ShapesPrompt] = [p for c in CATEGORIES for p in prompts(split, c, per_category)]
+    rows = []
+    t0 = time.time()
+    for i in range(0, len(suite), batch):
+        chunk = suite[i:i + batch]
+        result = sample(adapter, guider, [p.caption for p in chunk], [p.index for p in chunk], steps=steps)
+        for p, image in zip(chunk, result.images, strict=True):
+            dets = detect(image)
+            v = answer(dets, p.question)
+            rows.append({"category": p.category, "index": p.index, "caption": p.caption, "seed": p.index,
+                         "heldout_combo": p.heldout_combo, "heldout_phrasing": p.heldout_phrasing,
+                         "correct": v.correct, "answer": v.answer, "reason": v.reason,
+                         "correct_ignoring_size": answer(dets, _without_size(p.question)).correct,
+                         "detections": [dataclasses.asdict(d) for d in dets]})
+        if grid_dir is not None:
+            _save_grid(result.images, Path(grid_dir) / f"grid_{i // batch:02d}.png")
+        log(f"{len(rows)}/{len(suite)} images ({time.time() - t0:.0f}s)")
+    return {"model": model, "split": split, "per_category": per_category, "steps": steps, "cfg_scale": scale,
+            "sampler": "DDIM (eta 0)", "seeds": "seed = prompt index, CPU generator", "seconds": time.time() - t0,
+            "summary": summarize(rows), "rows": rows}
+
+
+def chance_rates(per_category: int = 150, split: str = "eval") -> dict[str, float]:
+    """Accuracy of a caption-blind generator: each prompt judged against a rendered scene of *another* prompt
+    of the same category (the next index), i.e. right layout statistics, wrong content."""
+    from .grammar import make_scene
+    from .render import render_tensor, to_pil
+
+    judge = ShapesJudge()
+    out = {}
+    for c in CATEGORIES:
+        ps = prompts(split, c, per_category)
+        scenes = [make_scene(split, c, (p.index + 1) % per_category)[0] for p in ps]
+        images = to_pil(render_tensor(scenes))
+        out[c] = sum(judge.judge(im, p.question).correct for im, p in zip(images, ps, strict=True)) / len(ps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="shapes")
+    p.add_argument("--per-category", type=int, default=150)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=3.5, help="CFG scale (3.5 was chosen on the train split)")
+    p.add_argument("--out", type=Path, default=Path("shapes-eval.json"))
+    p.add_argument("--split", default="eval", help="prompt split: eval (report) or train (choose settings)")
+    p.add_argument("--grids", default=None, help="folder for image grids (one per batch)")
+    a = p.parse_args(argv)
+    res = evaluate(a.model, a.per_category, a.steps, a.cfg, split=a.split, grid_dir=a.grids)
+    res["chance"] = chance_rates(a.per_category, a.split)
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    for k, s in sorted(res["summary"].items()):
+        print(f"{k:32s} {s['correct']:4d}/{s['n']:<4d} {s['accuracy']:.3f}  [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
+    print("chance:", json.dumps(res["chance"]))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def model_card(training: dict, evaluation: dict | None = None) -> str:
+    """MODEL_CARD.md text from ``training.json`` and, if given, an evaluation summary (see :func:`evaluate`)."""
+    p = training["parameters"]
+    size_mb = 4 * sum(p.values()) / 1e6
+    lines = [
+        "# shapes-world text-to-image model", "",
+        "A small latent diffusion model in Stable Diffusion's folder layout (`StableDiffusionPipeline`), trained",
+        "from scratch on the shapes world (flat circles, squares and triangles in six colours on white).", "",
+        "## Architecture", "",
+        f"- 64x64 RGB images; KL autoencoder of factor 2 -> 32x32x4 latents ({p['vae']:,} parameters,"
+        f" scaling factor {training['vae_scaling_factor']:.4f}, reconstruction MSE {training['vae_recon_mse']:.5f}"
+        " on [-1, 1] pixels).",
+        f"- UNet2DConditionModel, channels {tuple(training['configs']['unet']['block_out_channels'])}, cross-attention"
+        f" at 16x16, 8x8, 4x4 and the 4x4 mid block ({p['unet']:,} parameters).",
+        f"- CLIPTextModel, {training['configs']['text_encoder']['num_hidden_layers']} layers of width"
+        f" {training['configs']['text_encoder']['hidden_size']} ({p['text_encoder']:,} parameters), trained from"
+        " scratch; word-level tokenizer over the grammar's vocabulary (BOS at position 0, EOS padding, 24 tokens).",
+        f"- Scheduler: DDIM with Stable Diffusion's scaled-linear betas (1000 steps), epsilon prediction."
+        f" Weights: {size_mb:.1f} MB fp32 safetensors.", "",
+        "## Training", "",
+        f"- Command: `python -m diffprobe.worlds.shapes.train --seed {training['seed']} --vae-steps"
+        f" {training['vae_steps']} --steps {training['unet_steps']} --batch {training['batch']}`"
+        + (f" (the shipped run used `--max-minutes {training['max_minutes']}`, which stopped phase 2 at step"
+           f" {training['unet_steps']} of {training['unet_steps_requested']})" if training.get("max_minutes") else ""),
+        f"- Data: {training['data']}. Training captions never use the held-out colour-shape combinations or"
+        " phrasings.",
+        f"- Phase 1 (autoencoder): {training['vae_steps']} steps, batch {training['batch']}, AdamW 1e-3,"
+        " MSE + 0.1 L1 + 1e-6 KL.",
+        f"- Phase 2 (UNet + text encoder): {training['unet_steps']} steps, batch {training['batch']}, AdamW"
+        f" {training['lr']}, {training['warmup']} warm-up steps, gradient clip 1.0,"
+        f" caption dropout {training['caption_dropout']}, EMA {training['ema_decay']} (the EMA weights ship).",
+        f"- Hardware: {training['device']}, torch {training['torch']}, bf16 autocast;"
+        f" {training['seconds_total'] / 60:.1f} minutes in all. Loss curve: `loss.csv`.", "",
+    ]
+    if evaluation:
+        s = evaluation["summary"]
+        lines += [
+            "## Evaluation", "",
+            f"Eval split, {evaluation['per_category']} prompts per category ({4 * evaluation['per_category']} images),"
+            f" one image per prompt, seed = prompt index (CPU generator), {evaluation['sampler']}, {evaluation['steps']}"
+            f" steps, CFG scale {evaluation['cfg_scale']}; judged by the exact shapes judge. 95% Wilson intervals.", "",
+            "| category | accuracy | 95% CI | correct / n |", "|---|---|---|---|",
+        ]
+        keys = ["single", "single/ignoring-size", "count", "binding", "relation", "all"]
+        keys += sorted(k for k in s if "/" in k and k not in keys and "ignoring" not in k)
+        for k in keys:
+            if k in s:
+                v = s[k]
+                lines.append(f"| {k} | {v['accuracy']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] |"
+                             f" {v['correct']} / {v['n']} |")
+        lines += [""] + evaluation.get("notes", [])
+    return "\n".join(lines) + "\n"
