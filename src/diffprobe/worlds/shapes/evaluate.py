@@ -172,8 +172,9 @@ def model_card(training: dict, evaluation: dict | None = None) -> str:
         lines += [
             "## Evaluation", "",
             f"Eval split, {evaluation['per_category']} prompts per category ({4 * evaluation['per_category']} images),"
-            f" one image per prompt, seed = prompt index (CPU generator), {evaluation['sampler']}, {evaluation['steps']}"
-            f" steps, CFG scale {evaluation['cfg_scale']}; judged by the exact shapes judge. 95% Wilson intervals.", "",
+            f" one image per prompt, seed = prompt index (CPU generator), {evaluation['sampler']},"
+            f" {evaluation['steps']} steps, CFG scale {evaluation['cfg_scale']}; judged by the exact shapes judge."
+            " 95% Wilson intervals.", "",
             "| category | accuracy | 95% CI | correct / n |", "|---|---|---|---|",
         ]
         keys = ["single", "single/ignoring-size", "count", "binding", "relation", "all"]
