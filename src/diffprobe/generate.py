@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,8 +265,25 @@ def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, conf
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
                    disable=not progress, transient=False)
     start = time.perf_counter()
-    with bar:
+    # One writer thread encodes PNGs and inserts rows while the next batch samples (PNG encoding of large
+    # images is not free, and zlib releases the GIL). At most one batch waits, so memory stays bounded;
+    # leaving the pool waits for it, so an interrupt still keeps every sampled batch.
+    pending: Future[None] | None = None
+
+    def wait_for_write() -> None:
+        nonlocal pending
+        if pending is not None:
+            pending.result()
+            pending = None
+
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffprobe-store") as writer:
         task = bar.add_task("generate", total=len(todo))
+
+        def write(items: list[NewSample]) -> None:
+            store.add(items)
+            result.generated += len(items)
+            bar.advance(task, len(items))
+
         for batch in batches(todo, guider, batch_size):
             out = sample(adapter, guider, [j.prompt for j in batch], [j.seed for j in batch], steps=sampler["steps"],
                          height=sampler["height"], width=sampler["width"],
@@ -278,10 +296,11 @@ def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, conf
                     bar.console.print(f"[yellow]warning:[/] prompt longer than the text encoder's limit "
                                       f"({adapter.token_limit} tokens) was truncated (recorded as truncated): "
                                       f"{job.prompt[:80]!r}", highlight=False)
-            store.add([NewSample(key=j.key, prompt=j.prompt, seed=j.seed, image=img, guidance=config["guidance"],
-                                 provenance=provenance, records=rec, truncated=bool(tr))
-                       for j, img, rec, tr in zip(batch, out.images, records, truncated, strict=True)])
-            result.generated += len(batch)
-            bar.advance(task, len(batch))
+            items = [NewSample(key=j.key, prompt=j.prompt, seed=j.seed, image=img, guidance=config["guidance"],
+                               provenance=provenance, records=rec, truncated=bool(tr))
+                     for j, img, rec, tr in zip(batch, out.images, records, truncated, strict=True)]
+            wait_for_write()
+            pending = writer.submit(write, items)
+        wait_for_write()
     result.seconds = time.perf_counter() - start
     result.truncated_prompts = sorted(warned)

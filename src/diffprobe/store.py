@@ -183,7 +183,8 @@ class RunStore:
 
     def connect(self) -> sqlite3.Connection:
         """A new connection to ``run.sqlite`` in WAL mode (other features may add their own tables)."""
-        conn = sqlite3.connect(self.db_path, timeout=30)
+        # check_same_thread=False: the driver hands writes to one writer thread; never two threads at once.
+        conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL is durable against process crashes in WAL mode; a power cut may lose the last rows, whose
         # files then count as orphans and are regenerated.
