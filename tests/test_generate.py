@@ -230,3 +230,23 @@ def test_concept_guidance_with_suite_noun_phrases(tiny_sd, tiny_sd_path, tmp_pat
     with pytest.raises(InputError, match="1 prompt\\(s\\) have none"):
         generate(spec.model_copy(update={"prompts": ["a blue cat", "a dog"]}), tmp_path / "other",
                  prompts=prompts, adapter=tiny_sd, progress=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_images(tiny_sd_path, tmp_path):
+    """SIGINT: exit code 130, a message that says how to resume, and every finished batch stored."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "diffprobe.cli", "generate", "--model", str(tiny_sd_path), "--device", "cpu",
+           "-p", "a red cube", "--seeds", "0-7", "--steps", str(STEPS), "--batch-size", "1", "--height", str(SIZE),
+           "--width", str(SIZE), "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    deadline = time.time() + 180
+    while _count_rows(run) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err
+    with open_run(run) as store:
+        assert 2 <= len(store) < 8 and store.verify() == [] and not store.repair_report

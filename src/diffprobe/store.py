@@ -165,9 +165,10 @@ class RunStore:
         self._lock_file: io.BufferedWriter | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self._conn = self.connect()
-        with self._conn:
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        if write:  # readers never write, so a run on read-only storage can still be read
+            with self._conn:
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.repair_report = RepairReport()
         # Only an opener that holds the lock may clean up: a live writer's fresh files have no rows yet.
         if self._acquire_lock(blocking_error=write):
@@ -194,7 +195,12 @@ class RunStore:
     def _acquire_lock(self, blocking_error: bool) -> bool:
         if fcntl is None:
             return True
-        f = open(self.root / LOCK_NAME, "ab")  # noqa: SIM115 - held for the store's lifetime
+        try:
+            f = open(self.root / LOCK_NAME, "ab")  # noqa: SIM115 - held for the store's lifetime
+        except OSError:
+            if blocking_error:
+                raise InputError(f"cannot write to {self.root}; a run needs a writable directory") from None
+            return False  # read-only storage: read as is, without repair
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
