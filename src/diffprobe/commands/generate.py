@@ -112,7 +112,8 @@ def register(app: typer.Typer) -> None:
                                             "or concepts for every prompt: 'a red book; a gold clock'."),
         height: int | None = typer.Option(None, "--height", help="Image height (default: the model's)."),
         width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
-        batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call (does not change images)."),
+        batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call (each image's noise "
+                                       "depends only on its seed)."),
         family: str | None = typer.Option(None, "--family", help="Override detection: sd, sdxl, pixart."),
         dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 CPU)."),
         device: str | None = typer.Option(None, "--device", help="cuda, mps, cpu (default: the best available)."),
