@@ -91,30 +91,40 @@ def embed_files(
 ) -> np.ndarray:
     """Features for image files, float32 [len(paths), D]; cached ones are read, the rest embedded in batches.
 
-    ``shas`` may be given when the caller knows them (a run store records each image's sha256).
+    ``shas`` may be given when the caller knows them (a run store records each image's sha256). Identical
+    files are embedded once. Memory beyond the output array is one chunk of images or cache rows.
     """
     paths = [Path(p) for p in paths]
     shas = list(shas) if shas is not None else [file_sha256(p) for p in paths]
-    found = cache.get(shas, embedder.id) if cache is not None else {}
-    todo: dict[str, Path] = {}
-    for sha, path in zip(shas, paths, strict=True):
-        if sha not in found:
-            todo.setdefault(sha, path)
-    items = list(todo.items())
-    for start in range(0, len(items), chunk):  # bounded memory: decode a chunk, embed it, store it
-        part = items[start : start + chunk]
-        vectors = embedder.embed([load_image(p) for _, p in part])
-        part_shas = [sha for sha, _ in part]
-        found.update(zip(part_shas, vectors, strict=True))
+    rows: dict[str, list[int]] = {}
+    for i, sha in enumerate(shas):
+        rows.setdefault(sha, []).append(i)
+    out = np.empty((len(paths), embedder.dim), dtype=np.float32)
+    unique = list(rows)
+    todo = unique
+    if cache is not None:
+        todo = []
+        for start in range(0, len(unique), 4096):
+            part = unique[start : start + 4096]
+            found = cache.get(part, embedder.id)
+            for sha in part:
+                if sha not in found:
+                    todo.append(sha)
+                elif found[sha].shape[0] != embedder.dim:
+                    raise InputError(
+                        f"cached feature for {paths[rows[sha][0]]} has dimension {found[sha].shape[0]}, "
+                        f"expected {embedder.dim}; clear the feature cache {cache.path}"
+                    )
+                else:
+                    out[rows[sha]] = found[sha]
+    for start in range(0, len(todo), chunk):  # decode a chunk, embed it, store it
+        part = todo[start : start + chunk]
+        vectors = embedder.embed([load_image(paths[rows[sha][0]]) for sha in part])
+        for sha, vec in zip(part, vectors, strict=True):
+            out[rows[sha]] = vec
         if cache is not None:
-            cache.put(part_shas, embedder.id, vectors)
+            cache.put(part, embedder.id, vectors)
             cache.computed += len(part)
         if progress is not None:
             progress(len(part))
-    out = np.empty((len(paths), embedder.dim), dtype=np.float32)
-    for i, sha in enumerate(shas):
-        vec = found[sha]
-        if vec.shape[0] != embedder.dim:
-            raise InputError(f"cached feature for {paths[i]} has dimension {vec.shape[0]}, expected {embedder.dim}")
-        out[i] = vec
     return out
