@@ -228,3 +228,30 @@ def test_score_irs_on_image_folders(tmp_path):
         tmp_path / "snth", tmp_path / "train", tmp_path / "train", embedder=MeanColor(), cache=False, device="cpu"
     )
     assert same["adjusted"]["test"]["n_train"] == 6  # 50/50 split of the training set
+
+
+def test_faiss_backend_agrees_when_installed():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(9)
+    train = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    for metric in ("euclidean", "cosine"):
+        np.testing.assert_array_equal(
+            nearest_neighbors(train, queries, metric, backend="faiss", train_chunk=64),
+            nearest_neighbors(train, queries, metric, device="cpu"),
+        )
+
+
+def test_faiss_backend_missing_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("no faiss")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(InputError, match="pip install faiss-cpu"):
+        nearest_neighbors(np.zeros((3, 2), np.float32), np.zeros((1, 2), np.float32), backend="faiss")

@@ -54,6 +54,8 @@ def nearest_neighbors(
         raise InputError("nearest-neighbour retrieval needs non-empty train and query sets")
     if metric not in ("euclidean", "cosine"):
         raise InputError(f"unknown retrieval metric '{metric}' (euclidean or cosine)")
+    if backend not in ("torch", "faiss"):
+        raise InputError(f"unknown retrieval backend '{backend}' (torch or faiss)")
     if backend == "faiss":
         return _faiss_nn(train, queries, metric, train_chunk)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
