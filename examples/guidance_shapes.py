@@ -3,8 +3,9 @@
     python examples/guidance_shapes.py                       # 3 categories x 25 prompts x 4 seeds = 300 images/arm
     python examples/guidance_shapes.py --prompts 50 --seeds 4 --out results/guidance_shapes
 
-Arms: CFG, S-CFG (official-code defaults) and concept guidance (V0 defaults, concepts from spaCy noun chunks
-unless --concepts grammar), all at the same guidance scale, steps, scheduler and seeds: every (prompt, seed) pair
+Arms: CFG, S-CFG (official-code defaults) and concept guidance (V0 defaults, concepts from spaCy noun chunks;
+``concept-grammar`` takes the gold noun phrases from the grammar instead), all at the same guidance scale, steps,
+scheduler and seeds: every (prompt, seed) pair
 is sampled once per arm from identical initial noise. Prompts: the shapes world's eval split, categories
 ``binding`` (attribute binding), ``count`` and ``relation`` (spatial). Every image is checked by the exact shapes
 judge.
@@ -68,13 +69,18 @@ def cluster_bootstrap_diff(rows_a: list[dict], rows_b: list[dict], n_boot: int =
     return float(d.mean()), lo, hi
 
 
-def make_arms(scale: float, concepts: str, grammar_concepts: dict[str, list[str]]) -> dict[str, Guider]:
-    extractor: Any = "spacy" if concepts == "spacy" else _Lookup(grammar_concepts)
-    return {
-        "cfg": CFG(scale=scale),
-        "scfg": SCFG(scale=scale),
-        "concept": ConceptGuidance(scale=scale, extractor=extractor),
+ARMS = ("cfg", "scfg", "concept", "concept-grammar")
+
+
+def make_arms(names: list[str], scale: float, grammar_concepts: dict[str, list[str]]) -> dict[str, Guider]:
+    """``concept`` extracts noun phrases with spaCy (the default); ``concept-grammar`` uses the gold phrases."""
+    makers = {
+        "cfg": lambda: CFG(scale=scale),
+        "scfg": lambda: SCFG(scale=scale),
+        "concept": lambda: ConceptGuidance(scale=scale, extractor="spacy"),
+        "concept-grammar": lambda: ConceptGuidance(scale=scale, extractor=_Lookup(grammar_concepts)),
     }
+    return {name: makers[name]() for name in names}
 
 
 class _Lookup:
@@ -97,9 +103,9 @@ def gold_phrases(p: Any) -> list[str]:
 
 
 def load_judge() -> Any:
-    from diffprobe.worlds.shapes.judge import ShapesJudge
+    from diffprobe.judges import make_judge
 
-    return ShapesJudge()
+    return make_judge("shapes")
 
 
 def run_arm(adapter: Any, guider: Guider, jobs: list[tuple[Any, int]], args: argparse.Namespace) -> list[dict]:
@@ -122,10 +128,14 @@ def main() -> None:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--prompts", type=int, default=25, help="prompts per category")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the same for every arm)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the shapes model's evaluation setting)")
+    parser.add_argument(
+        "--scale", type=float, default=5.0, help="guidance scale (the shapes model's evaluation setting)"
+    )
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--concepts", choices=("spacy", "grammar"), default="spacy")
+    parser.add_argument(
+        "--arms", default="cfg,scfg,concept", help=f"comma-separated, from {', '.join(ARMS)}; cfg first"
+    )
     parser.add_argument("--embedder", default="efficientnet-lite0")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="results/guidance_shapes")
@@ -138,7 +148,10 @@ def main() -> None:
     judge = load_judge()
     suite = [p for c in CATEGORIES for p in shapes_prompts("eval", c, n=args.prompts)]
     jobs = [(p, s) for p in suite for s in range(args.seeds)]
-    arms = make_arms(args.scale, args.concepts, {p.caption: gold_phrases(p) for p in suite})
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if names[:1] != ["cfg"] or any(n not in ARMS for n in names):
+        parser.error(f"--arms must start with cfg and name only {', '.join(ARMS)}")
+    arms = make_arms(names, args.scale, {p.caption: gold_phrases(p) for p in suite})
 
     rows: dict[str, list[dict]] = {}
     images: dict[str, list[Any]] = {}
@@ -250,13 +263,16 @@ def main() -> None:
                 f"{wx_p} | {scs_txt} |"
             )
         results["arms"][name] = entry
-    concept_counts = defaultdict(int)
-    for r in rows["concept"]:
-        concept_counts[len(r.get("concepts", []))] += 1
-    results["concept_counts"] = dict(concept_counts)
+    for name in arms:
+        if name.startswith("concept"):
+            counts: dict[int, int] = defaultdict(int)
+            for r in rows[name]:
+                counts[len(r.get("concepts", []))] += 1
+            results["arms"][name]["concept_counts"] = dict(counts)
+            print(f"{name}: images per number of concepts {dict(sorted(counts.items()))}")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(table))
-    print(f"concept counts (n: images) {dict(concept_counts)}; results in {out}")
+    print(f"results in {out}")
 
 
 if __name__ == "__main__":
