@@ -63,15 +63,16 @@ def _label_pixels(rgb: np.ndarray) -> np.ndarray:
 
 
 def _kind(mask: np.ndarray) -> str:
-    """Kind of one region from its fill ratio and the vertical balance of its mass."""
+    """Kind of one region from its fill ratio and the balance of its mass between the box's top and bottom."""
     h, w = mask.shape
     fill = mask.mean()
     aspect = max(h, w) / max(1, min(h, w))
     if aspect > 1.6 or fill < 0.35:
         return "blob"
-    ys = np.nonzero(mask)[0]
-    low = ((ys + 0.5) / h).mean()  # 0.5 for symmetric shapes, 2/3 for an upright triangle
-    if fill < 0.66 or low > 0.6:
+    rows = mask.sum(1).astype(np.float64)
+    weight = np.clip((np.arange(h) + 0.5) / h * 2 - 0.5, 0, 1)  # 0 for the top half, 1 for the bottom, blended
+    bottom = (rows * weight).sum() / rows.sum()  # 1/2 for shapes symmetric top-bottom, 3/4 for an upright triangle
+    if bottom > 0.59:
         return "triangle"
     return "square" if fill > 0.89 else "circle"
 

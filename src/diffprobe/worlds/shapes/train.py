@@ -93,11 +93,11 @@ def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, ba
             running = 0.0
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
-        params, colors, _ = _Batches(1024, 2 * 10**8)[0]
-        z = vae.encode(render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1).latent_dist.mode()
+        params, colors, _ = _Batches(min(1024, 16 * batch), 2 * 10**8)[0]
+        x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
+        z = vae.encode(x).latent_dist.mode()
         vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
-        recon_mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1),
-                                     render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1))
+        recon_mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1), x))
     sf = vae.config.scaling_factor
     vae_seconds = time.time() - t0
 

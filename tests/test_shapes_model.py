@@ -1,0 +1,105 @@
+"""The shipped shapes model: folder layout, loading through the adapter, deterministic generation, smoke runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffprobe.errors import ModelNotFoundError
+from diffprobe.worlds import shapes
+
+
+def test_folder_is_a_stable_diffusion_checkpoint_under_25_mb():
+    folder = shapes.weights_dir()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    weights = list(folder.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder"}
+    assert sum(w.stat().st_size for w in weights) <= 25 * 2**20
+    assert not list(folder.rglob("*.bin"))
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["num_train_timesteps"] == 1000
+
+
+def test_weights_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(shapes, "_WEIGHTS", tmp_path / "nothing")
+    with pytest.raises(ModelNotFoundError, match="shapes model weights are missing"):
+        shapes.weights_dir()
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from diffprobe.models import load_model
+
+    return load_model("shapes", device="cpu", dtype="fp32")
+
+
+def test_loads_through_the_sd_adapter_with_two_cross_attention_resolutions(adapter):
+    assert adapter.family == "sd"
+    assert adapter.vae_scale_factor == 2 and adapter.default_size == (64, 64)
+    grids = {(layer.height, layer.width) for layer in adapter.attention_layers(64, 64) if layer.kind == "cross"}
+    assert {(8, 8), (4, 4)} <= grids
+    cond = adapter.encode(["two red circles", ""])
+    assert cond.tokens[0][:5] == ["<|startoftext|>", "two", "red", "circles", "<|endoftext|>"]
+
+
+def test_generation_is_deterministic_per_seed_and_follows_the_prompt(adapter):
+    from diffprobe.guidance import make_guider
+    from diffprobe.sampling import sample
+
+    cfg = make_guider("cfg", scale=3.5)
+    prompts = ["a red square", "a red square", "a blue circle"]
+    a = sample(adapter, cfg, prompts, [0, 1, 0], steps=8).images
+    b = sample(adapter, cfg, prompts[:1], [0], steps=8).images
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+    colours = [{d.color for d in shapes.detect(im)} for im in a]
+    assert "red" in colours[0] | colours[1] and "blue" in colours[2]
+
+
+def test_diffusers_pipeline_loads_the_folder_directly():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(shapes.weights_dir())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a green triangle", num_inference_steps=4, guidance_scale=3.5,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_smoke_evaluation_reports_every_category():
+    from diffprobe.worlds.shapes.evaluate import evaluate
+
+    res = evaluate(per_category=2, steps=4, batch=8, device="cpu", log=lambda *_: None)
+    assert len(res["rows"]) == 8
+    s = res["summary"]
+    assert {"single", "count", "binding", "relation", "all"} <= set(s)
+    assert s["all"]["n"] == 8 and 0 <= s["all"]["ci95"][0] <= s["all"]["accuracy"] <= s["all"]["ci95"][1] <= 1
+    assert all(r["reason"] for r in res["rows"])
+
+
+def test_wilson_interval_known_values():
+    from diffprobe.worlds.shapes.evaluate import wilson
+
+    lo, hi = wilson(8, 10)  # textbook value: 0.4902, 0.9433
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_training_smoke_writes_a_loadable_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffprobe.worlds.shapes.train import train
+
+    info = train(tmp_path, seed=1, vae_steps=2, steps=2, batch=2, device="cpu", workers=0, log_every=1)
+    assert info["unet_steps"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    assert [r["phase"] for r in rows] == ["vae", "vae", "unet", "unet"]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert (tmp_path / "MODEL_CARD.md").read_text().startswith("# shapes-world")
+    StableDiffusionPipeline.from_pretrained(tmp_path / "weights")
