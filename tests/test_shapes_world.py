@@ -14,7 +14,6 @@ from diffprobe.worlds.shapes.model import build_tokenizer
 from diffprobe.worlds.shapes.render import COLORS, SIZES, Shape, render, render_tensor
 
 
-
 @pytest.mark.parametrize(("kind", "area"), [("square", 4.0), ("circle", math.pi), ("triangle", 2.0)])
 def test_rendered_area_matches_geometry(kind, area):
     # Shape area in units of half-extent squared: square (2h)^2, circle pi h^2, triangle base 2h x height 2h / 2.
