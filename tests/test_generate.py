@@ -21,9 +21,9 @@ SIZE = 16  # pixels: the smallest size the tiny model accepts, to keep CPU tests
 
 
 def make_spec(path, prompts=("a red cube", "a blue ball"), seeds=(0, 1, 2), **sampler) -> RunSpec:
-    sampler = {"height": SIZE, "width": SIZE, **sampler}
+    sampler = {"steps": STEPS, "height": SIZE, "width": SIZE, **sampler}
     return RunSpec(model=ModelSpec(name=str(path), device="cpu"), prompts=list(prompts), seeds=list(seeds),
-                   sampler=SamplerSpec(steps=STEPS, **sampler), guidance=GuidanceSpec(params={"scale": 5.0}))
+                   sampler=SamplerSpec(**sampler), guidance=GuidanceSpec(params={"scale": 5.0}))
 
 
 def by_job(run) -> dict[tuple[str, int], str]:
@@ -80,6 +80,22 @@ def test_generate_resume_and_extend(tiny_sd, tiny_sd_path, tmp_path, monkeypatch
     with pytest.raises(RunMismatchError, match="sampler.steps"):
         generate(make_spec(tiny_sd_path).model_copy(update={"sampler": SamplerSpec(steps=3)}), run,
                  adapter=tiny_sd, progress=False)
+
+
+def test_defaults_are_compared_once_resolved(tiny_sd, tiny_sd_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny_sd, "default_steps", STEPS, raising=False)
+    run = tmp_path / "run"
+    spec = make_spec(tiny_sd_path, prompts=("a cat",), seeds=(0,), steps=None)
+    assert generate(spec, run, adapter=tiny_sd, progress=False).generated == 1
+    # the same settings spelled out: same keys, nothing to do
+    explicit = spec.model_copy(update={"model": ModelSpec(name=str(tiny_sd_path), dtype="fp32"),
+                                       "sampler": SamplerSpec(steps=STEPS, height=SIZE, width=SIZE)})
+    again = generate(explicit, run, adapter=tiny_sd, progress=False)
+    assert (again.generated, again.skipped) == (0, 1)
+    # an explicit value that differs from the resolved default is refused
+    other = spec.model_copy(update={"sampler": SamplerSpec(steps=STEPS + 1, height=SIZE, width=SIZE)})
+    with pytest.raises(RunMismatchError, match=rf"sampler.steps: {STEPS} \(run\) != {STEPS + 1} \(now\)"):
+        generate(other, run, adapter=tiny_sd, progress=False)
 
 
 def pixels(run) -> dict[tuple[str, int], np.ndarray]:

@@ -98,6 +98,9 @@ def test_mismatch_lists_generation_differences_only():
         "guidance.params.scale: 7.5 (run) != 5 (now)",
         "sampler.steps: 10 (run) != 20 (now)",
     ]
+    # defaults (None, parameters not given) are resolved when the model loads and compared then
+    defaults = base.model_copy(update={"sampler": SamplerSpec(steps=None), "guidance": GuidanceSpec(params={})})
+    assert defaults.mismatch(base) == [] and base.mismatch(defaults) == []
 
 
 def test_runspec_validation():

@@ -236,8 +236,9 @@ def generate(
 
 def _complete(store: RunStore, spec: RunSpec, guider: Guider) -> GenerateResult | None:
     """The result for a run that already holds every job of ``spec`` (keys from its stored config), else None."""
-    config = store.get_meta("config")
-    if config is None or config.get("guidance") != guider.config():
+    config, stored = store.get_meta("config"), store.spec
+    # Only an identical request may reuse the stored resolution of defaults (steps, dtype, size, ...).
+    if config is None or stored is None or stored.generation() != spec.generation():
         return None
     jobs = plan(spec.prompts, spec.seeds, config)
     done = store.keys()

@@ -81,13 +81,12 @@ class RunSpec(BaseModel):
         }
 
     def mismatch(self, stored: RunSpec) -> list[str]:
-        """Names of generation settings that differ from ``stored`` (``model.name: 'a' != 'b'``)."""
-        return _diff(flatten(stored.generation()), flatten(self.generation()))
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k}: {old.get(k)!r} (run) != {new.get(k)!r} (now)" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k)]
+        """Generation settings given on both sides that differ from ``stored`` (``sampler.steps: 10 (run) != 20
+        (now)``). A setting left to its default on either side (None, or a guider parameter not given) is not
+        compared here: it is resolved when the model loads and checked then (``RunStore.check_config``)."""
+        old, new = flatten(stored.generation()), flatten(self.generation())
+        return [f"{k}: {old[k]!r} (run) != {new[k]!r} (now)" for k in sorted(old.keys() & new.keys())
+                if old[k] is not None and new[k] is not None and old[k] != new[k]]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
