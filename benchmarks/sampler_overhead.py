@@ -114,6 +114,19 @@ def main() -> None:
                 _sync(adapter.device)
                 times[name].append((time.perf_counter() - t0) / args.batch)
 
+        # Same inputs, same numbers: the loops must agree, not only take the same time.
+        mine = sample(adapter, guider, prompts, seeds, steps=args.steps, height=size, width=size, decode=False).latents
+        ref = adapter.pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            latents=start.clone(),
+            height=size,
+            width=size,
+            output_type="latent",
+        ).images
+        max_diff = (mine.float() - ref.float()).abs().max().item()
+
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"model={args.model} device={adapter.device} dtype={adapter.dtype} size={size} steps={args.steps} "
@@ -121,6 +134,7 @@ def main() -> None:
     )
     for name, value in med.items():
         print(f"{name:10s} {value * 1000:9.1f} ms/image  (runs: {', '.join(f'{t * 1000:.1f}' for t in times[name])})")
+    print(f"final latents: max |diffprobe - diffusers| = {max_diff:.2e}")
     print(f"ratio diffprobe/diffusers = {med['diffprobe'] / med['diffusers']:.3f}  (target <= 1.05)")
 
 
