@@ -66,6 +66,7 @@ def test_generate_export_and_rerun(tiny_sd_path, tmp_path, capsys, monkeypatch):
     assert_user_error(cli(other, capsys, monkeypatch), "guidance.params.scale: 7.5 (run) != 3.0 (now)", "--new")
     code, _, err = cli([*other, "--new"], capsys, monkeypatch)
     assert code == 0, err
+    assert f"moved the previous contents of {run} to {run}.old-" in err
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]) == 1
     with open_run(run) as store:
         assert {s.guidance["scale"] for s in store.samples()} == {3.0}

@@ -125,8 +125,9 @@ def test_new_moves_the_old_run_aside(tmp_path, spec):
         store.add([item("k0", 0, 10)])
     with create_run(run, spec, new=True) as store:
         assert len(store) == 0
+        moved = store.moved_aside
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
-    assert len(aside) == 1
+    assert len(aside) == 1 and moved == aside[0].resolve()
     with open_run(aside[0]) as old:
         assert old.keys() == {"k0"}
 

@@ -196,17 +196,16 @@ def generate(
     console = console or Console(stderr=True)
     if spec.sampler.generator_device == "cuda" and not _cuda_available():
         raise InputError("--generator-device cuda needs a CUDA device; use --generator-device cpu (the default)")
-    metas = {text: {} for text in spec.prompts}
-    if is_run_dir(out):
-        with open_run(out) as existing:
-            metas.update(existing.prompt_meta())
-    metas.update({p.text: p.meta for p in prompts})
-    guider = make_run_guider(spec, metas)
     # Check everything that can fail before a new run directory is made, so a typo leaves nothing behind.
     store = open_existing(out, spec, extend=extend, console=console) if is_run_dir(out) and not new else None
     if store is None:
         check_new_run_dir(out, new=new)
     try:
+        metas: dict[str, dict[str, Any]] = {text: {} for text in spec.prompts}
+        if store is not None:  # metadata of prompts from an earlier call (a resumed run may not pass them)
+            metas.update(store.prompt_meta())
+        metas.update({p.text: p.meta for p in prompts})
+        guider = make_run_guider(spec, metas)
         if store is not None and (done := _complete(store, spec, guider)) is not None:
             return done  # a complete run needs no model at all
         if adapter is None:
@@ -220,6 +219,8 @@ def generate(
             check_size(config["sampler"]["height"], config["sampler"]["width"])
         if store is None:
             store = create_run(out, spec, new=new)
+            if store.moved_aside is not None:
+                console.print(f"moved the previous contents of {store.root} to {store.moved_aside}", highlight=False)
         store.check_config(config)
         store.add_prompts((text, metas[text]) for text in spec.prompts)
         done_keys = store.keys()

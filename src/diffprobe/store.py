@@ -134,6 +134,7 @@ def create_run(path: str | Path, spec: RunSpec, *, new: bool = False) -> RunStor
     ``new`` is set, in which case it is moved aside to ``<path>.old-<timestamp>`` (nothing is deleted)."""
     path = Path(path)
     check_new_run_dir(path, new=new)
+    aside = None
     if path.exists() and any(path.iterdir()):
         aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
@@ -143,6 +144,7 @@ def create_run(path: str | Path, spec: RunSpec, *, new: bool = False) -> RunStor
         path.rename(aside)
     path.mkdir(parents=True, exist_ok=True)
     store = RunStore(path, write=True)
+    store.moved_aside = aside.resolve() if aside is not None else None
     store.set_meta("spec", spec.model_dump(mode="json"))
     return store
 
@@ -162,6 +164,7 @@ class RunStore:
         self.root = Path(path).resolve()
         self.images_dir = self.root / IMAGES
         self.writable = write
+        self.moved_aside: Path | None = None  # set by create_run(new=True) when an old run was moved away
         self._lock_file: io.BufferedWriter | None = None
         self.root.mkdir(parents=True, exist_ok=True)
         self._conn = self.connect()
