@@ -74,16 +74,34 @@ def test_sensitivity_curve():
     sens = scs_sensitivity(feats, groups, n_boot=300, seed=0)
     curve = {c["n"]: c for c in sens["curve"]}
     assert sorted(curve) == list(range(2, 21))
-    # at N' = N every subset is the full set: no spread, and the mean is the full SCS
-    assert curve[20]["sd_within_prompt"] == pytest.approx(0.0, abs=1e-9)
+    # at N' = N every subset is the full set: no spread, nothing to extrapolate, and the mean is the full SCS
+    assert curve[20]["sd_subsets"] == pytest.approx(0.0, abs=1e-9) and curve[20]["sd_per_prompt"] is None
     full = np.mean([scs(feats[idx]) for idx in groups.values()])
     assert curve[20]["mean_scs"] == pytest.approx(full)
     # SCS is a mean of pair scores, so subsets are unbiased and their spread shrinks with N'
     assert curve[5]["mean_scs"] == pytest.approx(full, abs=1.0)
-    assert curve[2]["sd_within_prompt"] > curve[5]["sd_within_prompt"] > curve[15]["sd_within_prompt"]
-    assert sens["suggested_n"] == min(n for n, c in curve.items() if c["sd_within_prompt"] <= 1.0)
+    assert curve[2]["sd_per_prompt"] > curve[5]["sd_per_prompt"] > curve[15]["sd_per_prompt"]
+    assert curve[10]["sd_per_prompt"] == pytest.approx(curve[10]["sd_subsets"] / np.sqrt(10 / 19))
+    usable = [c for c in sens["curve"] if c["sd_per_prompt"] is not None]
+    assert sens["suggested_n"] == next((c["n"] for c in usable if c["sd_per_prompt"] <= 1.0), None)
+    const = np.median([c["sd_per_prompt"] * np.sqrt(c["n"]) for c in usable])
+    assert sens["projected_n"] == int(np.ceil(const**2))
     again = scs_sensitivity(feats, groups, n_boot=300, seed=0)
     assert again == sens
+
+
+def test_sensitivity_estimates_the_sd_over_fresh_seeds():
+    """From 20 images of one prompt, sd_per_prompt predicts the SD of SCS over n independent new images."""
+    rng = np.random.default_rng(0)
+    population = rng.normal(size=32) + 0.8 * rng.normal(size=(20000, 32))
+    for n in (4, 8):
+        truth = np.std([scs(population[rng.choice(20000, n, replace=False)]) for _ in range(800)])
+        estimates = []
+        for rep in range(8):
+            sample = population[rng.choice(20000, 20, replace=False)]
+            sens = scs_sensitivity(sample, {"p": list(range(20))}, n_values=[n], n_boot=300, seed=rep)
+            estimates.append(sens["curve"][0]["sd_per_prompt"])
+        assert np.mean(estimates) == pytest.approx(truth, rel=0.15)
 
 
 def _grouped_folder(root, n_prompts=3, per_prompt=4, single=None):

@@ -75,14 +75,14 @@ def register(app: typer.Typer) -> None:
         result = {"metric": metric_a, "embedder": ra.get("embedder"), **result, "provenance": provenance()}
         write_json(result, out)
         d, w, ks = result["difference"], result["wilcoxon"], result["ks_2samp"]
-        ci = d["bootstrap_ci"]
+        ci, dz, rb = d["bootstrap_ci"], result["effect_size"]["cohens_dz"], result["effect_size"]["rank_biserial"]
         console.print(
             f"{metric_a}: A {result['A']['mean']:.2f} +- {result['A']['sd']:.2f}, B {result['B']['mean']:.2f} +- "
             f"{result['B']['sd']:.2f} over {result['n_pairs']} paired prompts\n"
             f"B - A: mean {d['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] ({ci['confidence']:.0%} bootstrap CI), "
             f"B higher on {d['b_higher']}, A higher on {d['a_higher']}\n"
-            f"Wilcoxon p = {w['p']:.3g}; KS p = {ks['p']:.3g}; Cohen's d_z = {result['effect_size']['cohens_dz']}; "
-            f"rank-biserial r = {result['effect_size']['rank_biserial']:.3f}",
+            f"Wilcoxon p = {w['p']:.3g}; KS p = {ks['p']:.3g}; Cohen's d_z = "
+            f"{'n/a' if dz is None else format(dz, '.3f')}; rank-biserial r = {rb:.3f}",
             highlight=False,
         )
         console.print(f"wrote {out}")

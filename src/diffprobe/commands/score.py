@@ -116,9 +116,10 @@ def scs_cmd(
     )
     if sensitivity:
         sens = result["sensitivity"]
-        curve = ", ".join(f"{c['n']}:{c['sd_within_prompt']:.2f}" for c in sens["curve"])
+        curve = ", ".join(f"{c['n']}:{c['sd_per_prompt']:.2f}" for c in sens["curve"] if c["sd_per_prompt"] is not None)
         console.print(
-            f"per-prompt SD by repetitions: {curve}; suggested N (SD <= {sens['tolerance']}): {sens['suggested_n']}",
+            f"per-prompt SD of SCS by repetitions: {curve}; reaching SD <= {sens['tolerance']} needs "
+            f"{sens['suggested_n'] or 'more than the available'} repetitions (projected: {sens['projected_n']})",
             highlight=False,
         )
     _report(result, out or _default_out(path, "scs"))

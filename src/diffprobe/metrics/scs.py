@@ -83,12 +83,16 @@ def scs_sensitivity(
     scale: float = 100.0,
     clamp: bool = True,
 ) -> dict:
-    """SCS as a function of the number of repetitions N' (bootstrapped subsets without replacement).
+    """How SCS and its precision depend on the number of repetitions N' (random subsets without replacement).
 
-    For each N' and prompt, ``n_boot`` random N'-subsets of the prompt's images are scored. The curve
-    reports the mean SCS and the mean over prompts of the per-prompt SD across subsets; ``suggested_n``
-    is the smallest N' whose per-prompt SD is at most ``tolerance`` points. (The SCS paper chose 20 repetitions
-    by a sensitivity analysis whose details are not public; this is one natural version of it.)
+    For each N' and prompt, ``n_boot`` random N'-subsets of the prompt's N images are scored. The curve gives
+    the mean SCS, the SD across subsets (``sd_subsets``, which shrinks to 0 at N' = N because the subsets
+    then coincide), and ``sd_per_prompt``: that SD divided by the finite-population factor
+    sqrt((N - N') / (N - 1)), an estimate of the SD of a prompt's SCS over N' fresh seeds (exact for a mean
+    of independent draws, first-order for this pair statistic). ``suggested_n`` is the smallest N' < N whose
+    ``sd_per_prompt`` is at most ``tolerance`` points; ``projected_n`` extrapolates SD ~ 1/sqrt(N') (the
+    leading term) to the N' that would reach it, which may exceed N. The SCS paper chose 20 repetitions by a
+    sensitivity analysis whose details are not public; this is one natural version, not the paper's.
     """
     valid = {g: idx for g, idx in groups.items() if len(idx) >= 2}
     if not valid:
@@ -99,23 +103,39 @@ def scs_sensitivity(
     mats = {g: pair_scores(features[idx], scale, clamp) for g, idx in valid.items()}
     curve = []
     for n in n_values:
-        means, sds = [], []
+        means, sds, corrected = [], [], []
         for a in mats.values():
             # random subsets: argsort of uniform noise gives B independent permutations at once
             sub = np.argsort(rng.random((n_boot, len(a))), axis=1)[:, :n]
             block = a[sub[:, :, None], sub[:, None, :]]  # [B, n, n]
             values = (block.sum(axis=(1, 2)) - np.trace(block, axis1=1, axis2=2)) / (n * (n - 1))
+            sd = float(values.std(ddof=1)) if n_boot > 1 else 0.0
             means.append(values.mean())
-            sds.append(values.std(ddof=1) if n_boot > 1 else 0.0)
-        curve.append({"n": n, "mean_scs": float(np.mean(means)), "sd_within_prompt": float(np.mean(sds))})
-    suggested = next((c["n"] for c in curve if c["sd_within_prompt"] <= tolerance), None)
+            sds.append(sd)
+            if n < len(a):
+                corrected.append(sd / np.sqrt((len(a) - n) / (len(a) - 1)))
+        curve.append(
+            {
+                "n": n,
+                "mean_scs": float(np.mean(means)),
+                "sd_subsets": float(np.mean(sds)),
+                "sd_per_prompt": float(np.mean(corrected)) if len(corrected) == len(mats) else None,
+            }
+        )
+    usable = [c for c in curve if c["sd_per_prompt"] is not None]
+    suggested = next((c["n"] for c in usable if c["sd_per_prompt"] <= tolerance), None)
+    projected = None
+    if usable:
+        const = float(np.median([c["sd_per_prompt"] * np.sqrt(c["n"]) for c in usable]))
+        projected = max(2, int(np.ceil((const / tolerance) ** 2)))
     return {
         "n_boot": n_boot,
         "seed": seed,
         "tolerance": tolerance,
         "curve": curve,
         "suggested_n": suggested,
-        "note": "subsets of each prompt's images without replacement; SD at N' = N is 0 by construction",
+        "projected_n": projected,
+        "method": "random subsets without replacement; sd_per_prompt = sd_subsets / sqrt((N - n) / (N - 1))",
     }
 
 
