@@ -72,15 +72,23 @@ def test_diffusers_pipeline_loads_the_folder_directly():
     assert out.shape == (1, 64, 64, 3)
 
 
-def test_smoke_evaluation_reports_every_category():
-    from diffprobe.worlds.shapes.evaluate import evaluate
+def test_smoke_evaluation_reports_every_category(tmp_path):
+    import shutil
+
+    from diffprobe.worlds.shapes.evaluate import evaluate, write_card
 
     res = evaluate(per_category=2, steps=4, batch=8, device="cpu", log=lambda *_: None)
     assert len(res["rows"]) == 8
     s = res["summary"]
     assert {"single", "count", "binding", "relation", "all"} <= set(s)
     assert s["all"]["n"] == 8 and 0 <= s["all"]["ci95"][0] <= s["all"]["accuracy"] <= s["all"]["ci95"][1] <= 1
+    assert sum(s[c]["correct"] for c in ("single", "count", "binding", "relation")) == s["all"]["correct"]
     assert all(r["reason"] for r in res["rows"])
+    shutil.copy(shapes.weights_dir().parent / "training.json", tmp_path / "training.json")
+    write_card(tmp_path, res)
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert f"| count | {s['count']['accuracy']:.3f} |" in card and "## Evaluation" in card
+    assert "rows" not in json.loads((tmp_path / "evaluation.json").read_text())
 
 
 def test_wilson_interval_known_values():

@@ -90,7 +90,13 @@ def evaluate(model: str = "shapes", per_category: int = 150, steps: int = 25, sc
         if grid_dir is not None:
             _save_grid(result.images, Path(grid_dir) / f"grid_{i // batch:02d}.png")
         log(f"{len(rows)}/{len(suite)} images ({time.time() - t0:.0f}s)")
-    return {"model": model, "split": split, "per_category": per_category, "steps": steps, "cfg_scale": scale,
+    device_name = str(adapter.device)
+    if adapter.device.type == "cuda":
+        import torch
+
+        device_name = torch.cuda.get_device_name(adapter.device)
+    return {"model": model, "split": split, "device": device_name, "per_category": per_category, "steps": steps,
+            "cfg_scale": scale,
             "sampler": "DDIM (eta 0)", "seeds": "seed = prompt index, CPU generator", "seconds": time.time() - t0,
             "summary": summarize(rows), "rows": rows}
 
@@ -120,10 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("shapes-eval.json"))
     p.add_argument("--split", default="eval", help="prompt split: eval (report) or train (choose settings)")
     p.add_argument("--grids", default=None, help="folder for image grids (one per batch)")
+    p.add_argument("--card", type=Path, default=None,
+                   help="folder holding training.json: write evaluation.json and MODEL_CARD.md there")
     a = p.parse_args(argv)
     res = evaluate(a.model, a.per_category, a.steps, a.cfg, split=a.split, grid_dir=a.grids)
     res["chance"] = chance_rates(a.per_category, a.split)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
+    if a.card:
+        write_card(a.card, res)
     for k, s in sorted(res["summary"].items()):
         print(f"{k:32s} {s['correct']:4d}/{s['n']:<4d} {s['accuracy']:.3f}  [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
     print("chance:", json.dumps(res["chance"]))
@@ -131,6 +141,39 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def findings(res: dict) -> list[str]:
+    """Plain-language notes computed from an evaluation's rows."""
+    rows = res["rows"]
+    blank = [r for r in rows if not r["detections"]]
+    rel = [r for r in rows if r["category"] == "relation"]
+    both = [r for r in rel if not r["reason"].startswith("missing")]
+    notes = [
+        "- `single` requires the size word when the caption has one (\"a small red circle\");"
+        " `single/ignoring-size` checks colour and kind only.",
+        f"- {len(blank)} of {len(rows)} images are blank (no shape found),"
+        f" {sum(r['category'] == 'single' for r in blank)} of them for single-shape prompts.",
+        f"- Relations fail mostly on binding: {len(both)} of {len(rel)} relation images hold both objects with the"
+        f" right colours and kinds, and {sum(r['correct'] for r in both)} of those have the right relation.",
+    ]
+    if "chance" in res:
+        notes.append("- Chance: a caption-blind generator (each prompt judged on the rendered ground truth of another"
+                     " prompt of its category) scores " + ", ".join(f"{k} {v:.3f}" for k, v in res["chance"].items())
+                     + "; guessing a count uniformly from 2-6 with the right colour and kind scores 0.2.")
+    return notes
+
+
+def write_card(folder: Path, res: dict) -> None:
+    """Write ``folder/evaluation.json`` (no per-image rows) and ``folder/MODEL_CARD.md`` from ``training.json``."""
+    previous = folder / "evaluation.json"
+    history = json.loads(previous.read_text()).get("history", []) if previous.is_file() else []
+    summary = {k: v for k, v in res.items() if k != "rows"}
+    summary["notes"] = findings(res) + [""] + history
+    summary["history"] = history
+    previous.write_text(json.dumps(summary, indent=2) + "\n")
+    training = json.loads((folder / "training.json").read_text())
+    (folder / "MODEL_CARD.md").write_text(model_card(training, summary))
 
 
 def model_card(training: dict, evaluation: dict | None = None) -> str:
@@ -172,7 +215,8 @@ def model_card(training: dict, evaluation: dict | None = None) -> str:
         lines += [
             "## Evaluation", "",
             f"Eval split, {evaluation['per_category']} prompts per category ({4 * evaluation['per_category']} images),"
-            f" one image per prompt, seed = prompt index (CPU generator), {evaluation['sampler']},"
+            f" one image per prompt, seed = prompt index (CPU generator), {evaluation['sampler']}, fp32 on"
+            f" {evaluation.get('device', 'cpu')},"
             f" {evaluation['steps']} steps, CFG scale {evaluation['cfg_scale']}; judged by the exact shapes judge."
             " 95% Wilson intervals.", "",
             "| category | accuracy | 95% CI | correct / n |", "|---|---|---|---|",
