@@ -69,9 +69,6 @@ class DiffusersAdapter(ModelAdapter):
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.vae
-        upcast = self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:  # fp16 VAEs (SDXL) overflow; the pipelines decode them in fp32
-            vae = vae.to(torch.float32)
         latents = latents.to(vae.dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -82,8 +79,6 @@ class DiffusersAdapter(ModelAdapter):
         else:
             latents = latents / vae.config.scaling_factor
         images = vae.decode(latents, return_dict=False)[0]
-        if upcast:
-            self.vae.to(self.dtype)
         arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return [Image.fromarray(x) for x in (arr * 255).round().astype(np.uint8)]
 
@@ -132,6 +127,8 @@ class SDXLAdapter(SDAdapter):
         super().__init__(pipe, model_id, family, weights)
         # The pipeline uses all-zero embeddings, not the encoded "", for the unconditional branch by default.
         self.zeros_for_empty = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; the pipeline decodes it in fp32 too
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> Conditioning:
