@@ -37,13 +37,15 @@ def get_embedder(
     """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back."""
     note = None
     if name == "auto":
-        try:
-            embedder = get_embedder("clip-vit-b32", device=device, batch_size=batch_size)
+        from .clip import CLIPEmbedder
+
+        try:  # only what is already in the local Hugging Face cache: auto never waits on the network
+            embedder = CLIPEmbedder("clip-vit-b32", device=device, batch_size=batch_size, local_only=True)
         except ModelNotFoundError:
             embedder = get_embedder("efficientnet-lite0", device=device, batch_size=batch_size)
             note = (
-                "CLIP ViT-B/32 weights could not be loaded (not cached, no hub access); used efficientnet-lite0 "
-                "instead, so scores are not comparable with CLIP-based ones (set HF_HUB_OFFLINE=1 to skip the hub)"
+                "CLIP ViT-B/32 weights are not in the local Hugging Face cache; used efficientnet-lite0 instead, so "
+                "scores are not comparable with CLIP-based ones (pass --embedder clip-vit-b32 to download CLIP)"
             )
         embedder.note = note
         return embedder

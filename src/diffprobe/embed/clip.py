@@ -37,6 +37,7 @@ class CLIPEmbedder(Embedder):
         device: str | torch.device | None = None,
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
+        local_only: bool = False,
     ):
         import transformers
         from transformers import AutoTokenizer, CLIPModel
@@ -45,7 +46,7 @@ class CLIPEmbedder(Embedder):
         processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
         source = CLIP_ALIASES.get(name_or_path, name_or_path)
-        local_only = _offline() or Path(source).is_dir()
+        local_only = local_only or _offline() or Path(source).is_dir()
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
