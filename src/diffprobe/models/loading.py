@@ -69,14 +69,13 @@ def resolve_model(name_or_path: str) -> tuple[Path, dict[str, Any]]:
             f"model {name_or_path!r} not found: it is neither a local folder nor a hub id like "
             "'stable-diffusion-v1-5/stable-diffusion-v1-5'; use 'shapes' for the built-in model"
         )
-    from huggingface_hub import snapshot_download
+    from diffusers import DiffusionPipeline
 
-    patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]
-    try:
+    try:  # the pipeline's own file selection: component folders only, not root checkpoints or other variants
         try:  # a cached snapshot needs no network round trip
-            local = Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
+            local = Path(DiffusionPipeline.download(name_or_path, local_files_only=True))
         except Exception:
-            local = Path(snapshot_download(name_or_path, allow_patterns=patterns))
+            local = Path(DiffusionPipeline.download(name_or_path))
     except Exception as err:  # offline, unknown id, gated repo: all end the same way for the user
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
         raise ModelNotFoundError(
