@@ -70,7 +70,10 @@ def resolve_model(name_or_path: str) -> tuple[Path, dict[str, Any]]:
             "'stable-diffusion-v1-5/stable-diffusion-v1-5'; use 'shapes' for the built-in model"
         )
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # our one-line error replaces its connection warnings
     try:  # the pipeline's own file selection: component folders only, not root checkpoints or other variants
         try:  # a cached snapshot needs no network round trip
             local = Path(DiffusionPipeline.download(name_or_path, local_files_only=True))
@@ -83,6 +86,8 @@ def resolve_model(name_or_path: str) -> tuple[Path, dict[str, Any]]:
             f"{', HF_HUB_OFFLINE is set' if offline else ''}): download it where the hub is reachable "
             f"(`hf download {name_or_path}`) so it is in the Hugging Face cache, or pass a local folder"
         ) from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     match = re.search(r"snapshots/([0-9a-f]{40})", str(local))
     return local, {"revision": match.group(1) if match else None}
 
