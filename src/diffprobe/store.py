@@ -166,18 +166,25 @@ class RunStore:
         self.writable = write
         self.moved_aside: Path | None = None  # set by create_run(new=True) when an old run was moved away
         self._lock_file: io.BufferedWriter | None = None
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._conn = self.connect()
-        if write:  # readers never write, so a run on read-only storage can still be read
-            with self._conn:
-                self._conn.executescript(_SCHEMA)
-                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.repair_report = RepairReport()
-        # Only an opener that holds the lock may clean up: a live writer's fresh files have no rows yet.
-        if self._acquire_lock(blocking_error=write):
-            self.repair_report = self._repair()
-            if not write:
-                self._release_lock()
+        if write:
+            self.root.mkdir(parents=True, exist_ok=True)
+        # Only an opener that holds the lock may write or clean up: a live writer's fresh files have no rows yet,
+        # and a reader on read-only storage cannot take the lock, so it reads the run as it is.
+        locked = self._acquire_lock(blocking_error=write)
+        try:
+            self._conn = self.connect()
+            if locked:
+                with self._conn:
+                    self._conn.executescript(_SCHEMA)
+                    self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                       (str(SCHEMA_VERSION),))
+                self.repair_report = self._repair()
+        except BaseException:
+            self._release_lock()
+            raise
+        if locked and not write:
+            self._release_lock()
 
     # -- connection and locking ---------------------------------------------------------------------------
 
