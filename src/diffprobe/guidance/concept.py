@@ -128,7 +128,7 @@ class ConceptGuidance(Guider):
         self._cache: dict[str, list[str]] = {}
         self._warned = False
         self._concepts: list[list[str]] = []
-        self._steps: list[list[dict[str, Any]]] = []
+        self._steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (B, n+1) similarities, decisions
         self._momentum: torch.Tensor | None = None
         self._history: list[torch.Tensor] = []
 
@@ -158,7 +158,7 @@ class ConceptGuidance(Guider):
         if counts == {0} and not self._warned:
             warnings.warn("concept guidance: no concepts found in the prompt; falling back to plain CFG", stacklevel=2)
             self._warned = True
-        self._steps = [[] for _ in context.prompts]
+        self._steps = []
         self._momentum = None
         self._history = []
 
@@ -176,9 +176,7 @@ class ConceptGuidance(Guider):
             s_k = x[2:] - x[0]
             g, sims, applied = (self._v0 if self.mode == "v0" else self._head)(s_p, s_k, step)
             guided = guided + g.reshape(b, *shape).to(preds.dtype)
-            for i, (sim, app) in enumerate(zip(sims.T.tolist(), applied.T.tolist(), strict=True)):
-                if i < len(self._steps):
-                    self._steps[i].append({"similarity": sim, "applied": [int(a) for a in app]})
+            self._steps.append((sims.T, applied.T))  # kept on the device until records()
         if self.rescale > 0:
             guided = rescale_guidance(guided, cond, self.rescale)
         return guided
@@ -231,7 +229,16 @@ class ConceptGuidance(Guider):
 
     def records(self) -> list[dict[str, Any]]:
         out = []
-        for concepts, steps in zip(self._concepts, self._steps, strict=True):
+        if self._steps:
+            sims = torch.stack([s for s, _ in self._steps], dim=1).tolist()  # (B, steps, n+1)
+            applied = torch.stack([a for _, a in self._steps], dim=1).int().tolist()
+            per_sample = [
+                [{"similarity": s, "applied": a} for s, a in zip(sims[b], applied[b], strict=True)]
+                for b in range(len(sims))
+            ]
+        else:
+            per_sample = [[] for _ in self._concepts]
+        for concepts, steps in zip(self._concepts, per_sample, strict=True):
             n = len(concepts)
             eta = self.subject_threshold if self.subject_threshold != "auto" else 1.0 / (n + 1)
             rec: dict[str, Any] = {

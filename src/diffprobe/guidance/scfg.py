@@ -219,7 +219,7 @@ class SCFG(Guider):
             raise InputError(f"S-CFG: rate_min {self.rate_min} is above rate_max {self.rate_max}")
         self._plan: list[_Resolution] = []
         self._mask_grid: tuple[int, int] = (0, 0)
-        self._stats: list[list[dict[str, float]]] = []
+        self._stats: list[torch.Tensor] = []  # per step: (B, 5) statistics
         self._use_global = False
 
     # -- which maps -------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class SCFG(Guider):
     # -- guidance ---------------------------------------------------------------------------------
     def start(self, context: BatchContext) -> None:
         super().start(context)
-        self._stats = [[] for _ in context.prompts]
+        self._stats = []
         self._use_global = self.benchmark == "global" or (self.benchmark == "auto" and not _has_start_token(context))
 
     def masks(self, attention: dict[str, torch.Tensor], branches: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,34 +322,25 @@ class SCFG(Guider):
         return guided
 
     def _record(self, rate: torch.Tensor, ca_mask: torch.Tensor, fore: torch.Tensor) -> None:
+        """Per-sample step statistics, kept on the device (no host sync inside the loop) until ``records``."""
         flat = rate.flatten(1)
-        stats = torch.stack(
-            [
-                flat.mean(1),
-                flat.min(1).values,
-                flat.max(1).values,
-                fore.flatten(1).mean(1),
-                (ca_mask.sum(dim=(2, 3)) > 0).sum(1).float(),
-            ],
-            dim=1,
-        ).tolist()
-        for b, (mean, lo, hi, fg, regions) in enumerate(stats):
-            if b < len(self._stats):
-                self._stats[b].append(
-                    {"rate_mean": mean, "rate_min": lo, "rate_max": hi, "foreground": fg, "regions": int(regions)}
-                )
+        stats = [flat.mean(1), flat.min(1).values, flat.max(1).values, fore.flatten(1).mean(1)]
+        stats.append((ca_mask.sum(dim=(2, 3)) > 0).sum(1).float())
+        self._stats.append(torch.stack(stats, dim=1))
 
     def records(self) -> list[dict[str, Any]]:
         benchmark = "global" if self._use_global else "foreground"
+        steps = torch.stack(self._stats, dim=1).tolist() if self._stats else [[] for _ in self.context.prompts]
+        keys = ("rate_mean", "rate_min", "rate_max", "foreground")
         return [
             {
                 "guidance": "scfg",
                 "benchmark": benchmark,
                 "mask_grid": list(self._mask_grid),
                 "layers": sum(len(r.cross_layers) for r in self._plan),
-                "steps": steps,
+                "steps": [{**dict(zip(keys, row[:4], strict=True)), "regions": int(row[4])} for row in sample_steps],
             }
-            for steps in self._stats
+            for sample_steps in steps
         ]
 
     def config(self) -> dict[str, Any]:
