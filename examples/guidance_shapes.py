@@ -123,6 +123,45 @@ def run_arm(adapter: Any, guider: Guider, jobs: list[tuple[Any, int]], args: arg
     return [out[(p.caption, seed)] for p, seed in jobs]  # job order, identical across arms
 
 
+def arm_category(
+    adapter: Any, judge: Any, name: str, guider: Guider, jobs: list[tuple[Any, int]], folder: Path, args: Any
+) -> tuple[list[dict], list[Any]]:
+    """Rows and images of one arm and category: loaded from ``folder`` when a finished run is there, else made."""
+    from PIL import Image
+
+    done_file = folder / "rows.jsonl"
+    if done_file.is_file():
+        rows = [json.loads(line) for line in done_file.read_text().splitlines()]
+        if [(r["prompt"], r["seed"]) for r in rows] == [(p.caption, s) for p, s in jobs]:
+            return rows, [Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(len(rows))]
+    t0 = time.perf_counter()
+    done = run_arm(adapter, guider, jobs, args)
+    seconds = (time.perf_counter() - t0) / max(len(done), 1)
+    verdicts = judge.judge_many([d["image"] for d in done], [d["prompt_obj"].question for d in done])
+    rows = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (d, v) in enumerate(zip(done, verdicts, strict=True)):
+        p = d["prompt_obj"]
+        rec = {k: d["record"][k] for k in ("concepts", "mode", "benchmark") if k in d["record"]}
+        rows.append(
+            {
+                "arm": name,
+                "category": p.category,
+                "prompt": p.caption,
+                "seed": d["seed"],
+                "correct": bool(v.correct),
+                "answer": v.answer,
+                "reason": v.reason,
+                "seconds_per_image": seconds,
+                **rec,
+            }
+        )
+        d["image"].save(folder / f"{i:05d}.png")
+    done_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"  {name}/{jobs[0][0].category if jobs else '-'}: {len(rows)} images, {seconds:.2f} s/image", flush=True)
+    return rows, [d["image"] for d in done]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
@@ -139,52 +178,47 @@ def main() -> None:
     parser.add_argument("--embedder", default="efficientnet-lite0")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="results/guidance_shapes")
-    parser.add_argument("--save-images", action="store_true")
+    parser.add_argument("--categories", default=",".join(CATEGORIES), help="subset to sample (with --sample-only)")
+    parser.add_argument(
+        "--sample-only",
+        action="store_true",
+        help="sample and judge the arms, skip the statistics "
+        "(to fill OUT in several processes; a later run without it loads what is there)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    if any(c not in CATEGORIES for c in categories) or (not args.sample_only and categories != list(CATEGORIES)):
+        parser.error(f"--categories must name some of {', '.join(CATEGORIES)}; all of them unless --sample-only")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = load_model(args.model, device=args.device)
     judge = load_judge()
-    suite = [p for c in CATEGORIES for p in shapes_prompts("eval", c, n=args.prompts)]
+    suite = [p for c in categories for p in shapes_prompts("eval", c, n=args.prompts)]
     jobs = [(p, s) for p in suite for s in range(args.seeds)]
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if names[:1] != ["cfg"] or any(n not in ARMS for n in names):
+    if (names[:1] != ["cfg"] and not args.sample_only) or any(n not in ARMS for n in names):
         parser.error(f"--arms must start with cfg and name only {', '.join(ARMS)}")
     arms = make_arms(names, args.scale, {p.caption: gold_phrases(p) for p in suite})
 
     rows: dict[str, list[dict]] = {}
     images: dict[str, list[Any]] = {}
-    timing: dict[str, float] = {}
     for name, guider in arms.items():
-        t0 = time.perf_counter()
-        done = run_arm(adapter, guider, jobs, args)
-        timing[name] = (time.perf_counter() - t0) / len(done)
-        verdicts = judge.judge_many([d["image"] for d in done], [d["prompt_obj"].question for d in done])
-        rows[name] = []
-        for d, v in zip(done, verdicts, strict=True):
-            p = d["prompt_obj"]
-            rec = {k: d["record"][k] for k in ("concepts", "mode", "benchmark") if k in d["record"]}
-            rows[name].append(
-                {
-                    "arm": name,
-                    "category": p.category,
-                    "prompt": p.caption,
-                    "seed": d["seed"],
-                    "correct": bool(v.correct),
-                    "answer": v.answer,
-                    "reason": v.reason,
-                    **rec,
-                }
-            )
-        images[name] = [d["image"] for d in done]
-        if args.save_images:
-            folder = out / "images" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, d in enumerate(done):
-                d["image"].save(folder / f"{i:05d}_s{d['seed']}.png")
+        rows[name], images[name] = [], []
+        for cat in categories:
+            cat_jobs = [(p, s) for p, s in jobs if p.category == cat]
+            r, ims = arm_category(adapter, judge, name, guider, cat_jobs, out / "arms" / name / cat, args)
+            rows[name] += r
+            images[name] += ims
         acc = np.mean([r["correct"] for r in rows[name]])
-        print(f"{name}: {len(done)} images, accuracy {acc:.3f}, {timing[name]:.2f} s/image", flush=True)
+        print(f"{name}: {len(rows[name])} images, accuracy {acc:.3f}", flush=True)
+    if args.sample_only:
+        return
 
     with open(out / "images.jsonl", "w") as f:
         for name in arms:
@@ -207,7 +241,7 @@ def main() -> None:
             "images_per_arm": len(jobs),
             "guiders": {n: g.config() for n, g in arms.items()},
             "embedder": embedder.describe(),
-            "seconds_per_image": timing,
+            "seconds_per_image": {n: float(np.mean([r["seconds_per_image"] for r in rows[n]])) for n in arms},
         },
         "arms": {},
     }
