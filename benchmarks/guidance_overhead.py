@@ -1,6 +1,7 @@
 """Time per image of S-CFG and concept guidance relative to CFG, same model, seeds and settings.
 
-    python benchmarks/guidance_overhead.py                      # the shapes model (or tiny SD), CPU
+    python benchmarks/guidance_overhead.py                      # the shapes model, CPU
+    python benchmarks/guidance_overhead.py --model tiny         # tiny random SD checkpoint
     python benchmarks/guidance_overhead.py --model sd15-random  # full-size SD 1.5 architecture, random weights
     python benchmarks/guidance_overhead.py --model PATH_OR_HUB_ID --size 512 --dtype float16
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +30,6 @@ from diffprobe.models import load_model
 from diffprobe.models.base import Conditioning
 from diffprobe.models.tiny import build_tiny_sd
 from diffprobe.sampling import sample
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampler_overhead import build_sd15_random  # noqa: E402  (same folder; one builder for both benchmarks)
 
 CONCEPTS = "a red circle; a blue square"
 PROMPT = "a red circle above a blue square"
@@ -60,12 +57,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def resolve(model: str, tmp: Path) -> str:
+def sd15_random_adapter(tmp: Path, device: str, dtype: str) -> Any:
+    """SD 1.5's UNet and text encoder with random weights, built in memory on the target device (no checkpoint
+    round trip: only the denoising loop is timed). A light VAE with SD's factor 8 stands in, as nothing is decoded."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from diffprobe.models.adapters import SDAdapter
+    from diffprobe.models.loading import choose_device, choose_dtype
+    from diffprobe.models.tiny import _write_clip_tokenizer
+
+    dev = choose_device(device)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12, bos_token_id=0, eos_token_id=1))
+        vae = AutoencoderKL(
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=4,
+            layers_per_block=1,
+        )
+    _write_clip_tokenizer(tmp / "tokenizer")
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dev, choose_dtype(dev, dtype))
+    return SDAdapter(pipe, "sd15-random", "sd", {})
+
+
+def load(model: str, tmp: Path, device: str, dtype: str) -> Any:
     if model == "sd15-random":
-        return str(build_sd15_random(tmp / "sd15"))
+        return sd15_random_adapter(tmp, device, dtype)
     if model == "tiny":
-        return str(build_tiny_sd(tmp / "tiny"))
-    return model
+        model = str(build_tiny_sd(tmp / "tiny"))
+    return load_model(model, device=device, dtype=dtype)
 
 
 def main() -> None:
@@ -92,14 +133,7 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            adapter = load_model(resolve(args.model, Path(tmp)), device=args.device, dtype=args.dtype)
-        except Exception as err:  # the shapes weights may not be installed: fall back to the tiny checkpoint
-            if args.model != "shapes":
-                raise
-            print(f"shapes model unavailable ({err}); using the tiny random SD checkpoint")
-            args.model = "tiny"
-            adapter = load_model(resolve("tiny", Path(tmp)), device=args.device, dtype=args.dtype)
+        adapter = load(args.model, Path(tmp), args.device, args.dtype)
     size = args.size or adapter.default_size[0]
     prompts = [PROMPT] * args.batch
     seeds = list(range(args.batch))
