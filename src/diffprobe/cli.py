@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Modules under diffprobe.commands that define ``register(app)``; missing ones are skipped.
-COMMAND_MODULES = ["generate", "doctor", "score", "compare", "seeds", "report", "audit"]
+COMMAND_MODULES = ["generate", "export", "doctor", "score", "compare", "seeds", "report", "audit"]
 
 for _name in COMMAND_MODULES:
     try:
@@ -35,7 +35,7 @@ def main() -> None:
     try:
         app()
     except DiffprobeError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(2)
 
 

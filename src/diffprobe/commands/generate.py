@@ -167,7 +167,3 @@ def register(app: typer.Typer) -> None:
             console.print(f"{len(result.truncated_prompts)} prompt(s) were truncated to the text encoder's limit "
                           "(column 'truncated')", highlight=False)
         typer.echo(str(result.run_dir))
-
-    from . import export
-
-    export.register(app)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import ResolutionError
 from ..guidance.base import AttentionLayer
 from .base import Conditioning, ModelAdapter
 
@@ -50,7 +50,7 @@ class DiffusersAdapter(ModelAdapter):
     def check_size(self, height: int, width: int) -> None:
         m = self.size_multiple
         if height <= 0 or width <= 0 or height % m or width % m:
-            raise InputError(
+            raise ResolutionError(
                 f"height and width must be positive multiples of {m} for this model (got {height}x{width}); "
                 f"try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}"
             )

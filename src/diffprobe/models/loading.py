@@ -152,6 +152,9 @@ def load_model(
             raise InputError(f"unknown scheduler {scheduler!r}; choose one of: default, {', '.join(SCHEDULERS)}")
         cls_name, overrides = SCHEDULERS[scheduler]
         pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
-    adapter = ADAPTERS[family](pipe, name_or_path, family, weights)
+    # A local folder is named by its absolute path, so "./m" and "/abs/m" give the same job keys.
+    local = Path(name_or_path).expanduser()
+    model_id = str(local.resolve()) if name_or_path != "shapes" and local.exists() else name_or_path
+    adapter = ADAPTERS[family](pipe, model_id, family, weights)
     adapter.scheduler_name = scheduler or "default"
     return adapter
