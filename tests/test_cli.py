@@ -63,7 +63,7 @@ def test_generate_export_and_rerun(tiny_sd_path, tmp_path, capsys, monkeypatch):
 
     # a different spec for the same directory is refused, and --new starts afresh
     other = [*args[:-1], "--scale", "3", "-q"]
-    assert_user_error(cli(other, capsys, monkeypatch), "guidance.params.scale: 7.5 (run) != 3.0 (now)", "--new")
+    assert_user_error(cli(other, capsys, monkeypatch), "guidance.scale: 7.5 (run) != 3.0 (now)", "--new")
     code, _, err = cli([*other, "--new"], capsys, monkeypatch)
     assert code == 0, err
     assert f"moved the previous contents of {run} to {run}.old-" in err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffprobe.errors import InputError, RunMismatchError
+from diffprobe.errors import InputError, ResolutionError, RunMismatchError
 from diffprobe.generate import batches, generate, plan, resolved_config
 from diffprobe.guidance import make_guider
 from diffprobe.prompts import Prompt
@@ -83,7 +83,7 @@ def test_generate_resume_and_extend(tiny_sd, tiny_sd_path, tmp_path, monkeypatch
 
 
 def test_defaults_are_compared_once_resolved(tiny_sd, tiny_sd_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(tiny_sd, "default_steps", STEPS, raising=False)
+    monkeypatch.setattr(tiny_sd, "recommended", {"steps": STEPS})
     run = tmp_path / "run"
     spec = make_spec(tiny_sd_path, prompts=("a cat",), seeds=(0,), steps=None)
     assert generate(spec, run, adapter=tiny_sd, progress=False).generated == 1
@@ -96,6 +96,18 @@ def test_defaults_are_compared_once_resolved(tiny_sd, tiny_sd_path, tmp_path, mo
     other = spec.model_copy(update={"sampler": SamplerSpec(steps=STEPS + 1, height=SIZE, width=SIZE)})
     with pytest.raises(RunMismatchError, match=rf"sampler.steps: {STEPS} \(run\) != {STEPS + 1} \(now\)"):
         generate(other, run, adapter=tiny_sd, progress=False)
+
+
+def test_model_recommended_scale_applies_only_when_unset(tiny_sd, tiny_sd_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny_sd, "recommended", {"guidance_scale": 2.5})
+    unset = make_spec(tiny_sd_path, prompts=("a cat",), seeds=(0,))
+    unset = unset.model_copy(update={"guidance": GuidanceSpec(params={})})
+    generate(unset, tmp_path / "a", adapter=tiny_sd, progress=False)
+    explicit = make_spec(tiny_sd_path, prompts=("a cat",), seeds=(0,))  # scale 5.0
+    generate(explicit, tmp_path / "b", adapter=tiny_sd, progress=False)
+    with open_run(tmp_path / "a") as a, open_run(tmp_path / "b") as b:
+        assert a.samples()[0].guidance["scale"] == 2.5
+        assert b.samples()[0].guidance["scale"] == 5.0
 
 
 def pixels(run) -> dict[tuple[str, int], np.ndarray]:
@@ -131,7 +143,7 @@ def test_image_depends_only_on_its_seed(tiny_sd, tiny_sd_path, tmp_path):
 
 def test_nothing_is_created_until_the_model_and_size_check_out(tiny_sd, tiny_sd_path, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(InputError, match="multiples of"):
+    with pytest.raises(ResolutionError, match="multiples of"):
         generate(make_spec(tiny_sd_path, height=12, width=16), run, adapter=tiny_sd, progress=False)
     assert not run.exists()
     # a run whose first call produced nothing takes the corrected settings without --new

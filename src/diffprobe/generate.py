@@ -55,9 +55,14 @@ class SuiteConcepts:
         return list(self.table[prompt])
 
 
-def make_run_guider(spec: RunSpec, metas: dict[str, dict[str, Any]]) -> Guider:
-    """The guider ``spec`` names; ``extractor="suite"`` becomes a lookup in the prompts' metadata."""
+def make_run_guider(spec: RunSpec, metas: dict[str, dict[str, Any]], default_scale: float | None = None) -> Guider:
+    """The guider ``spec`` names; ``extractor="suite"`` becomes a lookup in the prompts' metadata.
+
+    ``default_scale`` (the model's recommended guidance scale) applies when the spec sets no scale.
+    """
     params = dict(spec.guidance.params)
+    if default_scale is not None:
+        params.setdefault("scale", default_scale)
     if params.get("extractor") == SUITE_CONCEPTS:
         lookup = SuiteConcepts(metas)
         if missing := [p for p in spec.prompts if p not in lookup.table]:
@@ -96,7 +101,7 @@ def resolved_config(adapter: Any, spec: RunSpec, guider: Guider) -> dict[str, An
     return {
         "model": adapter.identity(),
         "sampler": {
-            "steps": spec.sampler.steps or int(getattr(adapter, "default_steps", DEFAULT_STEPS)),
+            "steps": spec.sampler.steps or int(getattr(adapter, "recommended", {}).get("steps", DEFAULT_STEPS)),
             "scheduler": spec.sampler.scheduler or "default",
             "height": height or default_h,
             "width": width or default_w,
@@ -213,6 +218,9 @@ def generate(
 
             adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
                                  dtype=spec.model.dtype, scheduler=spec.sampler.scheduler)
+        recommended = getattr(adapter, "recommended", {})
+        if "scale" not in spec.guidance.params and recommended.get("guidance_scale") is not None:
+            guider = make_run_guider(spec, metas, float(recommended["guidance_scale"]))
         config = resolved_config(adapter, spec, guider)
         check_size = getattr(adapter, "check_size", None)
         if check_size is not None:  # fail before any work, not at the first batch

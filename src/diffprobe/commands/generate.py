@@ -104,7 +104,8 @@ def register(app: typer.Typer) -> None:
         scheduler: str | None = typer.Option(None, "--scheduler", help="default (the checkpoint's), ddim, "
                                              "dpmpp-2m or euler."),
         guidance: str = typer.Option("cfg", "--guidance", "-g", help="Guider: cfg, scfg, concept."),
-        scale: float | None = typer.Option(7.5, "--scale", help="Guidance scale."),
+        scale: float | None = typer.Option(None, "--scale", help="Guidance scale (default: the model's "
+                                            "recommended one, else 7.5)."),
         guidance_param: list[str] = typer.Option([], "--guidance-param", help="Extra guider parameter key=value "
                                                  "(repeatable; values parse as JSON when they can)."),
         concepts: str | None = typer.Option(None, "--concepts", help="Concept guidance: 'suite' (the prompt suite's "
@@ -133,7 +134,8 @@ def register(app: typer.Typer) -> None:
         if spec_file is not None:
             flags = {"--model": model != "shapes", "--prompt": bool(prompt), "--prompts": prompts is not None,
                      "--seeds": seeds != "0", "--steps": steps is not None, "--scheduler": scheduler is not None,
-                     "--guidance": guidance != "cfg", "--scale": scale != 7.5, "--guidance-param": bool(guidance_param),
+                     "--guidance": guidance != "cfg", "--scale": scale is not None,
+                     "--guidance-param": bool(guidance_param),
                      "--concepts": concepts is not None, "--height": height is not None, "--width": width is not None,
                      "--family": family is not None, "--dtype": dtype is not None,
                      "--generator-device": generator_device != "cpu"}

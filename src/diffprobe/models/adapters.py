@@ -29,6 +29,8 @@ class DiffusersAdapter(ModelAdapter):
         self.model_id = model_id
         self.family = family
         self.weights = weights  # revision or weights hash, from the loader
+        self.recommended: dict[str, Any] = {}  # sampling settings the checkpoint recommends (steps, guidance_scale)
+        self.scheduler_name = "default"
         self.device = pipe.device
         self.dtype = getattr(pipe, self.denoiser_attr).dtype
         self.scheduler = pipe.scheduler

@@ -26,6 +26,9 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Optional file in a checkpoint folder with the sampling settings its makers recommend ("steps", "guidance_scale");
+# used when the user sets neither.
+RECOMMENDED_FILE = "diffprobe.json"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _FULL_HASH_LIMIT = 256 * 2**20  # hash whole weight files below this total size; fingerprint larger ones
 
@@ -157,4 +160,6 @@ def load_model(
     model_id = str(local.resolve()) if name_or_path != "shapes" and local.exists() else name_or_path
     adapter = ADAPTERS[family](pipe, model_id, family, weights)
     adapter.scheduler_name = scheduler or "default"
+    recommended = folder / RECOMMENDED_FILE
+    adapter.recommended = json.loads(recommended.read_text()) if recommended.is_file() else {}
     return adapter
