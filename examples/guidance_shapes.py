@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def cluster_bootstrap_diff(rows_a: list[dict], rows_b: list[dict], n_boot: int =
     """Mean accuracy difference B - A with a percentile CI that resamples prompts (paired rows share the prompt)."""
     per_prompt: dict[str, list[float]] = defaultdict(list)
     for ra, rb in zip(rows_a, rows_b, strict=True):
-        per_prompt[ra["prompt"]].append(float(rb["correct"]) - float(ra["correct"]))
+        per_prompt[ra["prompt_id"]].append(float(rb["correct"]) - float(ra["correct"]))
     d = np.array([np.mean(v) for v in per_prompt.values()])
     lo, hi = bootstrap_mean_ci(d, n_boot=n_boot)
     return float(d.mean()), lo, hi
@@ -95,6 +96,11 @@ class _Lookup:
         return list(self.table[prompt])
 
 
+def pid(p: Any) -> str:
+    """A prompt's identity in the suite (two prompts may share a caption)."""
+    return f"{p.category}/{p.index}"
+
+
 def gold_phrases(p: Any) -> list[str]:
     q = p.question
     if q.kind == "count":
@@ -119,8 +125,8 @@ def run_arm(adapter: Any, guider: Guider, jobs: list[tuple[Any, int]], args: arg
             chunk = group[i : i + args.batch]
             res = sample(adapter, guider, [p.caption for p, _ in chunk], [s for _, s in chunk], steps=args.steps)
             for (p, seed), image, record in zip(chunk, res.images, res.records, strict=True):
-                out[(p.caption, seed)] = {"prompt_obj": p, "seed": seed, "image": image, "record": record}
-    return [out[(p.caption, seed)] for p, seed in jobs]  # job order, identical across arms
+                out[(pid(p), seed)] = {"prompt_obj": p, "seed": seed, "image": image, "record": record}
+    return [out[(pid(p), seed)] for p, seed in jobs]  # job order, identical across arms
 
 
 def arm_category(
@@ -163,6 +169,7 @@ def arm_category(
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning, module="scipy")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--prompts", type=int, default=25, help="prompts per category")
@@ -219,6 +226,9 @@ def main() -> None:
         print(f"{name}: {len(rows[name])} images, accuracy {acc:.3f}", flush=True)
     if args.sample_only:
         return
+    for name in arms:  # rows follow the job order; captions can repeat, so prompts are told apart by id
+        for row, (p, _) in zip(rows[name], jobs, strict=True):
+            row["prompt_id"] = pid(p)
 
     with open(out / "images.jsonl", "w") as f:
         for name in arms:
@@ -232,7 +242,7 @@ def main() -> None:
     embedder = get_embedder(args.embedder, device=args.device if args.device != "auto" else None)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, (p, _) in enumerate(jobs):
-        groups[p.caption].append(i)
+        groups[pid(p)].append(i)
     scs = {name: scs_per_prompt(embedder.embed(images[name]), dict(groups)) for name in arms}
 
     results: dict[str, Any] = {
@@ -256,7 +266,7 @@ def main() -> None:
             ok = np.array([rows[name][i]["correct"] for i in sel])
             lo, hi = wilson(int(ok.sum()), len(ok))
             e: dict[str, Any] = {"n": len(ok), "accuracy": float(ok.mean()), "wilson95": [lo, hi]}
-            prompts_in = {rows[name][i]["prompt"] for i in sel}
+            prompts_in = {rows[name][i]["prompt_id"] for i in sel}
             e["scs_mean"] = float(np.mean([scs[name][p] for p in prompts_in]))
             diff = "—"
             mc_p = wx_p = "—"
@@ -266,11 +276,11 @@ def main() -> None:
                 e["diff_vs_cfg"] = {"mean": d, "bootstrap95_prompts": [dlo, dhi]}
                 e["mcnemar"] = mcnemar_exact(base, ok)
                 acc_a = {
-                    p: np.mean([rows["cfg"][i]["correct"] for i in sel if rows["cfg"][i]["prompt"] == p])
+                    p: np.mean([rows["cfg"][i]["correct"] for i in sel if rows["cfg"][i]["prompt_id"] == p])
                     for p in prompts_in
                 }
                 acc_b = {
-                    p: np.mean([rows[name][i]["correct"] for i in sel if rows[name][i]["prompt"] == p])
+                    p: np.mean([rows[name][i]["correct"] for i in sel if rows[name][i]["prompt_id"] == p])
                     for p in prompts_in
                 }
                 cmp_acc = compare_scores(acc_a, acc_b, names=("cfg", name))
