@@ -148,12 +148,16 @@ def main() -> None:
             lambda: ConceptGuidance(7.5, concepts=CONCEPTS),
         )
 
-    def run(name: str) -> torch.Tensor:
+    def run(name: str, steps: int = args.steps) -> torch.Tensor:
         model, make = arms[name]
-        out = sample(model, make(), prompts, seeds, steps=args.steps, height=size, width=size, decode=args.decode)
+        out = sample(model, make(), prompts, seeds, steps=steps, height=size, width=size, decode=args.decode)
         return out.latents
 
-    latents = {name: run(name) for name in arms}  # warm-up, and the latents for the equivalence check
+    for name in arms:  # warm-up
+        run(name)
+    # One guided step, batched vs one call per row: equal up to kernel rounding. (Over many steps the guider's hard
+    # thresholds and quantile masks can amplify that rounding, so whole trajectories are not compared.)
+    latents = {name: run(name, 1) for name in arms if name.startswith("concept")}
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeats):
         for name in arms:
@@ -176,7 +180,9 @@ def main() -> None:
     print("targets: S-CFG <= 1.10 x CFG; batched concept guidance faster than branch-by-branch")
     if "concept (n=2, branch-by-branch)" in latents:
         a, b = latents["concept (n=2, batched)"], latents["concept (n=2, branch-by-branch)"]
-        print(f"batched vs branch-by-branch concept guidance: max |latent difference| = {(a - b).abs().max():.2e}")
+        print(
+            f"batched vs branch-by-branch concept guidance, one step: max |latent diff| = {(a - b).abs().max():.2e}"
+        )
         print(
             f"branch-by-branch / batched = {med['concept (n=2, branch-by-branch)'] / med['concept (n=2, batched)']:.2f}"
         )
