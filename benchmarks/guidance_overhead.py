@@ -180,9 +180,7 @@ def main() -> None:
     print("targets: S-CFG <= 1.10 x CFG; batched concept guidance faster than branch-by-branch")
     if "concept (n=2, branch-by-branch)" in latents:
         a, b = latents["concept (n=2, batched)"], latents["concept (n=2, branch-by-branch)"]
-        print(
-            f"batched vs branch-by-branch concept guidance, one step: max |latent diff| = {(a - b).abs().max():.2e}"
-        )
+        print(f"batched vs branch-by-branch concept guidance, one step: max |latent diff| = {(a - b).abs().max():.2e}")
         print(
             f"branch-by-branch / batched = {med['concept (n=2, branch-by-branch)'] / med['concept (n=2, batched)']:.2f}"
         )

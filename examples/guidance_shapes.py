@@ -175,9 +175,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=25, help="prompts per category")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the same for every arm)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the shapes model's evaluation setting)")
-    parser.add_argument(
-        "--scale", type=float, default=5.0, help="guidance scale, the same for every arm"
-    )
+    parser.add_argument("--scale", type=float, default=5.0, help="guidance scale, the same for every arm")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument(
         "--arms", default="cfg,scfg,concept", help=f"comma-separated, from {', '.join(ARMS)}; cfg first"
