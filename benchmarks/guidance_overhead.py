@@ -58,46 +58,13 @@ def _sync(device: torch.device) -> None:
 
 
 def sd15_random_adapter(tmp: Path, device: str, dtype: str) -> Any:
-    """SD 1.5's UNet and text encoder with random weights, built in memory on the target device (no checkpoint
-    round trip: only the denoising loop is timed). A light VAE with SD's factor 8 stands in, as nothing is decoded."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from diffprobe.models.adapters import SDAdapter
-    from diffprobe.models.loading import choose_device, choose_dtype
-    from diffprobe.models.tiny import _write_clip_tokenizer
+    """SD 1.5's UNet and text encoder with random weights, built in memory on the target device; a light VAE with
+    SD's factor 8 stands in, as only the denoising loop is timed."""
+    from diffprobe.models import SDAdapter, choose_device, choose_dtype
+    from diffprobe.models.tiny import sd15_random_pipeline
 
     dev = choose_device(device)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12, bos_token_id=0, eos_token_id=1))
-        vae = AutoencoderKL(
-            block_out_channels=(8, 8, 8, 8),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=4,
-            layers_per_block=1,
-        )
-    _write_clip_tokenizer(tmp / "tokenizer")
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(dev, choose_dtype(dev, dtype))
+    pipe = sd15_random_pipeline(tmp, dev, choose_dtype(dev, dtype), light_vae=True)
     return SDAdapter(pipe, "sd15-random", "sd", {})
 
 

@@ -19,47 +19,9 @@ from pathlib import Path
 import torch
 
 from diffprobe.guidance import CFG
-from diffprobe.models import load_model
-from diffprobe.models.tiny import build_tiny_sd
+from diffprobe.models import SDAdapter, choose_device, choose_dtype, load_model
+from diffprobe.models.tiny import build_tiny_sd, sd15_random_pipeline
 from diffprobe.sampling import initial_latents, sample
-
-
-def build_sd15_random(path: Path) -> Path:
-    """SD 1.5's UNet, VAE and text-encoder architecture with random weights (no download needed)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from diffprobe.models.tiny import _write_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=768, num_hidden_layers=12, bos_token_id=0, eos_token_id=1)
-    )
-    _write_clip_tokenizer(path / "tokenizer")
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return path
 
 
 def _sync(device: torch.device) -> None:
@@ -82,9 +44,12 @@ def main() -> None:
         model = args.model
         if model == "tiny":
             model = str(build_tiny_sd(Path(tmp) / "tiny"))
-        elif model == "sd15-random":
-            model = str(build_sd15_random(Path(tmp) / "sd15"))
-        adapter = load_model(model, device=args.device, dtype=args.dtype)
+        if model == "sd15-random":
+            dev = choose_device(args.device)
+            pipe = sd15_random_pipeline(tmp, dev, choose_dtype(dev, args.dtype))
+            adapter = SDAdapter(pipe, "sd15-random", "sd", {})
+        else:
+            adapter = load_model(model, device=args.device, dtype=args.dtype)
         size = args.size or adapter.default_size[0]
         prompts = [f"a photo of object number {i}" for i in range(args.batch)]
         seeds = list(range(args.batch))

@@ -82,8 +82,8 @@ def _scheduler(prediction_type: str = "epsilon"):
 
 def build_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny SD 1.x-layout checkpoint: 16x16 latents (32 px images), cross-attention at 16, 8, 4 and mid 2."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -99,20 +99,54 @@ def build_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int 
         cross_attention_dim=16,
         attention_head_dim=2,
     )
-    text_encoder = CLIPTextModel(_clip_text_config(16))
-    _write_clip_tokenizer(path / "tokenizer")
-    pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(),
+    pipe = _sd_pipeline(path, unet, CLIPTextModel(_clip_text_config(16)), _tiny_vae(), _scheduler(prediction_type))
+    pipe.save_pretrained(path)
+    return path
+
+
+def _sd_pipeline(folder: Path, unet, text_encoder, vae, scheduler):
+    """A StableDiffusionPipeline from parts, with a byte-level CLIP tokenizer written to ``folder/tokenizer``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    _write_clip_tokenizer(folder / "tokenizer")
+    return StableDiffusionPipeline(
+        vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path)
-    return path
+
+
+def sd15_random_pipeline(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, light_vae: bool = False
+):
+    """SD 1.5's UNet, text encoder and VAE architecture with random weights, built in memory on ``device``
+    (for benchmarks: no download, no checkpoint round trip). ``light_vae`` keeps the VAE's factor 8 with
+    few channels, for timing the denoising loop alone. ``folder`` receives the tokenizer files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    channels = (8, 8, 8, 8) if light_vae else (128, 256, 512, 512)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        text = CLIPTextModel(
+            CLIPTextConfig(vocab_size=49408, hidden_size=768, num_hidden_layers=12, bos_token_id=0, eos_token_id=1)
+        )
+        vae = AutoencoderKL(
+            block_out_channels=channels,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=4 if light_vae else 32,
+            layers_per_block=1 if light_vae else 2,
+            sample_size=512,
+        )
+    return _sd_pipeline(Path(folder), unet, text, vae, _scheduler()).to(device, dtype)
 
 
 def build_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
