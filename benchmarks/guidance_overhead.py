@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +27,11 @@ import torch
 from diffprobe.guidance import CFG
 from diffprobe.guidance.concept import ConceptGuidance
 from diffprobe.guidance.scfg import SCFG
-from diffprobe.models import load_model
 from diffprobe.models.base import Conditioning
-from diffprobe.models.tiny import build_tiny_sd
 from diffprobe.sampling import sample
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODEL_HELP, load_benchmark_model, sync  # noqa: E402  (the benchmarks' shared helpers)
 
 CONCEPTS = "a red circle; a blue square"
 PROMPT = "a red circle above a blue square"
@@ -52,33 +54,9 @@ class BranchByBranch:
         return torch.cat(rows)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def sd15_random_adapter(tmp: Path, device: str, dtype: str) -> Any:
-    """SD 1.5's UNet and text encoder with random weights, built in memory on the target device; a light VAE with
-    SD's factor 8 stands in, as only the denoising loop is timed."""
-    from diffprobe.models import SDAdapter, choose_device, choose_dtype
-    from diffprobe.models.tiny import sd15_random_pipeline
-
-    dev = choose_device(device)
-    pipe = sd15_random_pipeline(tmp, dev, choose_dtype(dev, dtype), light_vae=True)
-    return SDAdapter(pipe, "sd15-random", "sd", {})
-
-
-def load(model: str, tmp: Path, device: str, dtype: str) -> Any:
-    if model == "sd15-random":
-        return sd15_random_adapter(tmp, device, dtype)
-    if model == "tiny":
-        model = str(build_tiny_sd(tmp / "tiny"))
-    return load_model(model, device=device, dtype=dtype)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shapes", help="shapes, tiny, sd15-random, or a checkpoint folder / hub id")
+    parser.add_argument("--model", default="shapes", help=MODEL_HELP)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
@@ -100,7 +78,7 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = load(args.model, Path(tmp), args.device, args.dtype)
+        adapter = load_benchmark_model(args.model, Path(tmp), args.device, args.dtype, light_vae=True)
     size = args.size or adapter.default_size[0]
     prompts = [PROMPT] * args.batch
     seeds = list(range(args.batch))
@@ -128,10 +106,10 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeats):
         for name in arms:
-            _sync(adapter.device)
+            sync(adapter.device)
             t0 = clock()
             run(name)
-            _sync(adapter.device)
+            sync(adapter.device)
             times[name].append((clock() - t0) / args.batch)
 
     med = {k: statistics.median(v) for k, v in times.items()}

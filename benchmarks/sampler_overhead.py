@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from diffprobe.guidance import CFG
-from diffprobe.models import SDAdapter, choose_device, choose_dtype, load_model
-from diffprobe.models.tiny import build_tiny_sd, sd15_random_pipeline
 from diffprobe.sampling import initial_latents, sample
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODEL_HELP, load_benchmark_model, sync  # noqa: E402  (the benchmarks' shared helpers)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, sd15-random, or a checkpoint folder / hub id")
+    parser.add_argument("--model", default="tiny", help=MODEL_HELP)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
@@ -41,15 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model == "tiny":
-            model = str(build_tiny_sd(Path(tmp) / "tiny"))
-        if model == "sd15-random":
-            dev = choose_device(args.device)
-            pipe = sd15_random_pipeline(tmp, dev, choose_dtype(dev, args.dtype))
-            adapter = SDAdapter(pipe, "sd15-random", "sd", {})
-        else:
-            adapter = load_model(model, device=args.device, dtype=args.dtype)
+        adapter = load_benchmark_model(args.model, Path(tmp), args.device, args.dtype)
         size = args.size or adapter.default_size[0]
         prompts = [f"a photo of object number {i}" for i in range(args.batch)]
         seeds = list(range(args.batch))
@@ -73,10 +60,10 @@ def main() -> None:
         times: dict[str, list[float]] = {"diffprobe": [], "diffusers": []}
         for _ in range(args.repeats):
             for name, fn in (("diffprobe", ours), ("diffusers", theirs)):
-                _sync(adapter.device)
+                sync(adapter.device)
                 t0 = time.perf_counter()
                 fn()
-                _sync(adapter.device)
+                sync(adapter.device)
                 times[name].append((time.perf_counter() - t0) / args.batch)
 
         # Same inputs, same numbers: the loops must agree, not only take the same time.
