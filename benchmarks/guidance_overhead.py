@@ -27,7 +27,6 @@ import torch
 from diffprobe.guidance import CFG
 from diffprobe.guidance.concept import ConceptGuidance
 from diffprobe.guidance.scfg import SCFG
-from diffprobe.models.base import Conditioning
 from diffprobe.sampling import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,23 +34,6 @@ from common import MODEL_HELP, load_benchmark_model, sync  # noqa: E402  (the be
 
 CONCEPTS = "a red circle; a blue square"
 PROMPT = "a red circle above a blue square"
-
-
-class BranchByBranch:
-    """An adapter whose ``predict`` makes one denoiser call per batch row (per image and per branch)."""
-
-    def __init__(self, adapter: Any):
-        self._adapter = adapter
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._adapter, name)
-
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        rows = []
-        for i in range(latents.shape[0]):
-            one = Conditioning({k: v[i : i + 1] for k, v in cond.tensors.items()})
-            rows.append(self._adapter.predict(latents[i : i + 1], t, one))
-        return torch.cat(rows)
 
 
 def main() -> None:
@@ -83,20 +65,17 @@ def main() -> None:
     prompts = [PROMPT] * args.batch
     seeds = list(range(args.batch))
     arms: dict[str, tuple[Any, Any]] = {
-        "cfg": (adapter, lambda: CFG(7.5)),
-        "scfg": (adapter, lambda: SCFG(7.5)),
-        "concept (n=2, batched)": (adapter, lambda: ConceptGuidance(7.5, concepts=CONCEPTS)),
+        "cfg": (None, lambda: CFG(7.5)),
+        "scfg": (None, lambda: SCFG(7.5)),
+        "concept (n=2, batched)": (None, lambda: ConceptGuidance(7.5, concepts=CONCEPTS)),
     }
-    if not args.skip_branchwise:
-        arms["concept (n=2, branch-by-branch)"] = (
-            BranchByBranch(adapter),
-            lambda: ConceptGuidance(7.5, concepts=CONCEPTS),
-        )
+    if not args.skip_branchwise:  # one denoiser call per image and branch, as the reference code
+        arms["concept (n=2, branch-by-branch)"] = (1, lambda: ConceptGuidance(7.5, concepts=CONCEPTS))
 
     def run(name: str, steps: int = args.steps) -> torch.Tensor:
-        model, make = arms[name]
-        out = sample(model, make(), prompts, seeds, steps=steps, height=size, width=size, decode=args.decode)
-        return out.latents
+        rows, make = arms[name]
+        settings = {"steps": steps, "height": size, "width": size, "decode": args.decode, "max_model_batch": rows}
+        return sample(adapter, make(), prompts, seeds, **settings).latents
 
     for name in arms:  # warm-up
         run(name)

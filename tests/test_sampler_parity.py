@@ -85,3 +85,29 @@ def test_long_prompt_is_reported_truncated(tiny_sd):
     long_prompt = " ".join(["circle"] * 40)  # spelled out per character: far over 77 tokens
     result = sample(tiny_sd, CFG(7.5), [long_prompt], [0], steps=1, decode=False)
     assert result.truncated == [True]
+
+
+def test_split_model_calls_give_the_same_result(tiny_sd):
+    prompts, seeds = ["a red circle", "a blue square", "a cat"], [0, 1, 2]
+    whole = sample(tiny_sd, CFG(7.5), prompts, seeds, steps=2, decode=False).latents
+    split = sample(tiny_sd, CFG(7.5), prompts, seeds, steps=2, decode=False, max_model_batch=1).latents
+    assert (whole - split).abs().max() < 1e-3
+
+
+def test_out_of_memory_halves_the_model_batch(tiny_sd, monkeypatch):
+    calls = []
+    real_predict = tiny_sd.predict
+
+    def predict(latents, t, cond):  # a "GPU" that holds at most 2 rows
+        calls.append(len(latents))
+        if len(latents) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_predict(latents, t, cond)
+
+    monkeypatch.setattr(tiny_sd, "predict", predict)
+    out = sample(tiny_sd, CFG(7.5), ["a red circle", "a cat"], [0, 1], steps=2, decode=False).latents
+    monkeypatch.undo()
+    whole = sample(tiny_sd, CFG(7.5), ["a red circle", "a cat"], [0, 1], steps=2, decode=False).latents
+    assert calls[:3] == [4, 2, 2]  # 4 rows (2 branches x 2 samples) fail once, then halves
+    assert calls[3:] == [2, 2]  # the next step starts at the size that fit
+    assert (out - whole).abs().max() < 1e-3

@@ -20,6 +20,12 @@ class Conditioning:
     truncated: list[bool] = field(default_factory=list)  # per text: longer than the encoder's limit
     tokens: list[list[str]] = field(default_factory=list)  # per text: token strings as the encoder saw them
 
+    def rows(self, start: int, stop: int) -> Conditioning:
+        """The conditioning of texts ``start:stop`` (for splitting one model call into several)."""
+        return Conditioning(
+            {k: v[start:stop] for k, v in self.tensors.items()}, self.truncated[start:stop], self.tokens[start:stop]
+        )
+
 
 class ModelAdapter(ABC):
     family: str

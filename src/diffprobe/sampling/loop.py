@@ -12,6 +12,7 @@ from PIL import Image
 from ..errors import InputError
 from ..guidance.base import BatchContext, Guider, StepInfo
 from ..models.adapters import DiffusersAdapter
+from ..models.base import Conditioning
 from .attention import capture_attention
 
 
@@ -21,6 +22,22 @@ class SampleResult:
     latents: torch.Tensor  # final latents (B, C, h, w), before decoding
     records: list[dict[str, Any]] = field(default_factory=list)  # the guider's per-sample records
     truncated: list[bool] = field(default_factory=list)  # per sample: a branch text exceeded the token limit
+
+
+def _predict(
+    adapter: DiffusersAdapter, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int
+) -> tuple[torch.Tensor, int]:
+    """The denoiser output for all rows of ``x``, in calls of at most ``chunk`` rows; returns the chunk that fit."""
+    while True:
+        try:
+            parts = [adapter.predict(x[i : i + chunk], t, cond.rows(i, i + chunk)) for i in range(0, len(x), chunk)]
+            return torch.cat(parts), chunk
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = (chunk + 1) // 2
+            if x.is_cuda:
+                torch.cuda.empty_cache()
 
 
 def initial_latents(
@@ -55,8 +72,13 @@ def sample(
     latents: torch.Tensor | None = None,
     decode: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    max_model_batch: int | None = None,
 ) -> SampleResult:
-    """Sample one image per (prompt, seed) pair. ``latents`` overrides the seeded initial noise (unscaled)."""
+    """Sample one image per (prompt, seed) pair. ``latents`` overrides the seeded initial noise (unscaled).
+
+    All branches of all samples go through one denoiser call per step; ``max_model_batch`` caps the rows of one
+    call, and running out of GPU memory halves the cap (the result is the same up to kernel rounding).
+    """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
         raise InputError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -86,10 +108,11 @@ def sample(
     layers = guider.attention_layers(adapter.attention_layers(height, width), latent_size)
     guider.start(BatchContext(prompts=prompts, latent_size=latent_size, tokens=cond.tokens))
     timesteps = scheduler.timesteps
+    chunk = max_model_batch or n_branches * batch
     with capture_attention(adapter.denoiser, layers) as maps:
         for i, t in enumerate(timesteps):
             model_in = scheduler.scale_model_input(torch.cat([latents] * n_branches), t)
-            out = adapter.predict(model_in, t, cond)
+            out, chunk = _predict(adapter, model_in, t, cond, chunk)
             guided = guider.combine(
                 out.view(n_branches, batch, *out.shape[1:]), maps, StepInfo(i, len(timesteps), float(t))
             )
