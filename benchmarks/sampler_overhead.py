@@ -43,17 +43,18 @@ def main() -> None:
         start = initial_latents(adapter, seeds, size, size)
         guider = CFG(7.5)
 
-        def ours() -> None:
-            sample(adapter, guider, prompts, seeds, steps=args.steps, height=size, width=size)
+        def ours(decode: bool = True):
+            return sample(adapter, guider, prompts, seeds, steps=args.steps, height=size, width=size, decode=decode)
 
-        def theirs() -> None:
-            adapter.pipe(
+        def theirs(output_type: str = "pil"):
+            return adapter.pipe(
                 prompts,
                 num_inference_steps=args.steps,
                 guidance_scale=7.5,
                 latents=start.clone(),
                 height=size,
                 width=size,
+                output_type=output_type,
             )
 
         ours(), theirs()  # warm-up (kernels, allocator)
@@ -67,16 +68,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - t0) / args.batch)
 
         # Same inputs, same numbers: the loops must agree, not only take the same time.
-        mine = sample(adapter, guider, prompts, seeds, steps=args.steps, height=size, width=size, decode=False).latents
-        ref = adapter.pipe(
-            prompts,
-            num_inference_steps=args.steps,
-            guidance_scale=7.5,
-            latents=start.clone(),
-            height=size,
-            width=size,
-            output_type="latent",
-        ).images
+        mine, ref = ours(decode=False).latents, theirs("latent").images
         max_diff = (mine.float() - ref.float()).abs().max().item()
 
     med = {k: statistics.median(v) for k, v in times.items()}
