@@ -42,9 +42,24 @@ class _Batches(torch.utils.data.Dataset):
         return params, colors, [c for _, c in examples]
 
 
+def _log_loss(writer, log, phase: str, step: int, loss: float, t0: float) -> float:
+    """One row of loss.csv and one progress line; returns the reset running sum."""
+    writer.writerow([phase, step, f"{loss:.6f}", f"{time.time() - t0:.1f}"])
+    log.flush()
+    print(f"{phase} {step}: {loss:.5f} ({time.time() - t0:.0f}s)", flush=True)
+    return 0.0
+
+
 def _loader(batch: int, workers: int, offset: int = 0):
-    return iter(torch.utils.data.DataLoader(_Batches(batch, offset), batch_size=None, num_workers=workers,
-                                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None))
+    return iter(
+        torch.utils.data.DataLoader(
+            _Batches(batch, offset),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+        )
+    )
 
 
 def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
@@ -53,8 +68,18 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_(e, p, 1 - decay)
 
 
-def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, batch: int = 256, lr: float = 4e-4,
-          max_minutes: float | None = None, device: str | None = None, workers: int = 8, log_every: int = 50) -> dict:
+def train(
+    out: Path,
+    seed: int = 0,
+    vae_steps: int = 1500,
+    steps: int = 6000,
+    batch: int = 256,
+    lr: float = 4e-4,
+    max_minutes: float | None = None,
+    device: str | None = None,
+    workers: int = 8,
+    log_every: int = 50,
+) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -87,10 +112,7 @@ def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, ba
         opt.step()
         running += loss.item()
         if step % log_every == 0:
-            writer.writerow(["vae", step, f"{running / log_every:.6f}", f"{time.time() - t0:.1f}"])
-            log.flush()
-            print(f"vae {step}: {running / log_every:.5f}", flush=True)
-            running = 0.0
+            running = _log_loss(writer, log, "vae", step, running / log_every, t0)
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
         params, colors, _ = _Batches(min(1024, 16 * batch), 2 * 10**8)[0]
@@ -117,8 +139,9 @@ def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, ba
         params, colors, captions = next(data)
         drop = torch.rand(len(captions), generator=gen, device=dev).cpu() < 0.1
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        ids = tokenizer(captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(dev)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids.to(dev)
         with torch.no_grad(), torch.autocast(**amp):
             x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
             z = vae.encode(x).latent_dist.sample(gen).float() * sf
@@ -141,22 +164,34 @@ def train(out: Path, seed: int = 0, vae_steps: int = 1500, steps: int = 6000, ba
         done = step
         running += loss.item()
         if step % log_every == 0:
-            writer.writerow(["unet", step, f"{running / log_every:.6f}", f"{time.time() - t0:.1f}"])
-            log.flush()
-            print(f"unet {step}: {running / log_every:.5f} ({time.time() - t0:.0f}s)", flush=True)
-            running = 0.0
+            running = _log_loss(writer, log, "unet", step, running / log_every, t0)
     log.close()
     total = time.time() - t0
     model.save_pipeline(out / "weights", vae.cpu(), ema_unet.cpu(), ema_text.cpu())
     info = {
-        "seed": seed, "vae_steps": vae_steps, "unet_steps": done, "unet_steps_requested": steps, "batch": batch,
-        "lr": lr, "warmup": warmup, "ema_decay": 0.999, "caption_dropout": 0.1, "max_minutes": max_minutes,
-        "vae_scaling_factor": sf, "vae_recon_mse": recon_mse, "seconds_vae": round(vae_seconds, 1),
-        "seconds_total": round(total, 1), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-        platform.processor() or "cpu", "torch": torch.__version__,
+        "seed": seed,
+        "vae_steps": vae_steps,
+        "unet_steps": done,
+        "unet_steps_requested": steps,
+        "batch": batch,
+        "lr": lr,
+        "warmup": warmup,
+        "ema_decay": 0.999,
+        "caption_dropout": 0.1,
+        "max_minutes": max_minutes,
+        "vae_scaling_factor": sf,
+        "vae_recon_mse": recon_mse,
+        "seconds_vae": round(vae_seconds, 1),
+        "seconds_total": round(total, 1),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
         "parameters": model.parameter_counts({"vae": vae, "unet": unet, "text_encoder": text_encoder}),
-        "configs": {"vae": model.VAE_CONFIG, "unet": model.UNET_CONFIG, "text_encoder": model.TEXT_CONFIG,
-                    "scheduler": model.SCHEDULER_CONFIG},
+        "configs": {
+            "vae": model.VAE_CONFIG,
+            "unet": model.UNET_CONFIG,
+            "text_encoder": model.TEXT_CONFIG,
+            "scheduler": model.SCHEDULER_CONFIG,
+        },
         "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
