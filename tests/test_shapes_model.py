@@ -111,3 +111,27 @@ def test_training_smoke_writes_a_loadable_folder(tmp_path):
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     assert (tmp_path / "MODEL_CARD.md").read_text().startswith("# shapes-world")
     StableDiffusionPipeline.from_pretrained(tmp_path / "weights")
+
+
+def test_training_continues_from_a_trained_folder(tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffprobe.errors import InputError
+    from diffprobe.worlds.shapes.train import _examples_seen, train
+
+    first = train(tmp_path / "a", seed=1, vae_steps=2, steps=3, batch=2, device="cpu", workers=0, log_every=1)
+    second = train(tmp_path / "b", seed=2, steps=2, batch=4, device="cpu", workers=0, log_every=1,
+                   init=tmp_path / "a" / "weights", warmup=1, ema_decay=0.5)
+    assert second["vae_steps"] == 0 and second["init"]["unet_steps"] == 3
+    assert second["vae_scaling_factor"] == first["vae_scaling_factor"]  # the autoencoder is reused as is
+    assert second["data_offset"] == 3 * 2 and _examples_seen(second) == 3 * 2 + 2 * 4
+    rows = list(csv.DictReader(open(tmp_path / "b" / "loss.csv")))
+    assert [r["phase"] for r in rows] == ["unet", "unet"]
+    a = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "weights" / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "weights" / "unet").state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the continuation trained the parent's weights
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "continued from" in card
+    with pytest.raises(InputError, match="training.json"):
+        train(tmp_path / "c", steps=1, device="cpu", workers=0, init=tmp_path / "b")

@@ -176,6 +176,42 @@ def write_card(folder: Path, res: dict) -> None:
     (folder / "MODEL_CARD.md").write_text(model_card(training, summary))
 
 
+def _stages(training: dict) -> list[dict]:
+    """The chain of runs behind a training record, first run first (``--init`` links them)."""
+    return ([*_stages(training["init"])] if training.get("init") else []) + [training]
+
+
+def _training_lines(training: dict) -> list[str]:
+    stages = _stages(training)
+    root = stages[0]
+    lines = [
+        f"- Data: {root['data']}; each run reads the examples after those of the run it continues. Training captions"
+        " never use the held-out colour-shape combinations or phrasings.",
+        f"- Phase 1 (autoencoder): {root['vae_steps']} steps, batch {root['batch']}, AdamW 1e-3,"
+        " MSE + 0.1 L1 + 1e-6 KL.",
+    ]
+    for k, st in enumerate(stages, 1):
+        command = f"python -m diffprobe.worlds.shapes.train --seed {st['seed']}"
+        if k == 1:
+            command += f" --vae-steps {st['vae_steps']}"
+        else:
+            command += f" --init RUN{k - 1}/weights --lr {st['lr']} --warmup {st['warmup']} --ema {st['ema_decay']}"
+        command += f" --steps {st['unet_steps']} --batch {st['batch']} --out RUN{k}"
+        stopped = (f" (run with `--max-minutes {st['max_minutes']}`, which stopped it at step {st['unet_steps']} of"
+                   f" {st['unet_steps_requested']})" if st.get("max_minutes") else "")
+        what = "from scratch" if k == 1 else f"continued from run {k - 1}'s EMA weights"
+        lines += [
+            f"- Run {k}, phase 2 (UNet + text encoder, {what}): `{command}`{stopped}. {st['unet_steps']} steps, batch"
+            f" {st['batch']}, AdamW {st['lr']}, {st['warmup']} warm-up steps, gradient clip 1.0, caption dropout"
+            f" {st['caption_dropout']}, EMA {st['ema_decay']} (the run saves the EMA weights). Hardware: {st['device']}, torch"
+            f" {st['torch']}{', bf16 autocast' if 'cuda' in st['torch'] or 'NVIDIA' in st['device'] else ', fp32'};"
+            f" {st['seconds_total'] / 60:.1f} minutes.",
+        ]
+    earlier = ", ".join(f"`loss-run{k}.csv`" for k in range(1, len(stages)))
+    lines += ["- Loss curve: `loss.csv`" + (f" (last run; earlier runs: {earlier})." if earlier else "."), ""]
+    return lines
+
+
 def model_card(training: dict, evaluation: dict | None = None) -> str:
     """MODEL_CARD.md text from ``training.json`` and, if given, an evaluation summary (see :func:`evaluate`)."""
     p = training["parameters"]
@@ -201,19 +237,8 @@ def model_card(training: dict, evaluation: dict | None = None) -> str:
         f"- Scheduler: DDIM with Stable Diffusion's scaled-linear betas (1000 steps), epsilon prediction."
         f" Weights: {size_mb:.1f} MB fp32 safetensors.", "",
         "## Training", "",
-        f"- Command: `python -m diffprobe.worlds.shapes.train --seed {training['seed']} --vae-steps"
-        f" {training['vae_steps']} --steps {training['unet_steps']} --batch {training['batch']}`"
-        + (f" (the shipped run used `--max-minutes {training['max_minutes']}`, which stopped phase 2 at step"
-           f" {training['unet_steps']} of {training['unet_steps_requested']})" if training.get("max_minutes") else ""),
-        f"- Data: {training['data']}. Training captions never use the held-out colour-shape combinations or"
-        " phrasings.",
-        f"- Phase 1 (autoencoder): {training['vae_steps']} steps, batch {training['batch']}, AdamW 1e-3,"
-        " MSE + 0.1 L1 + 1e-6 KL.",
-        f"- Phase 2 (UNet + text encoder): {training['unet_steps']} steps, batch {training['batch']}, AdamW"
-        f" {training['lr']}, {training['warmup']} warm-up steps, gradient clip 1.0,"
-        f" caption dropout {training['caption_dropout']}, EMA {training['ema_decay']} (the EMA weights ship).",
-        f"- Hardware: {training['device']}, torch {training['torch']}, bf16 autocast;"
-        f" {training['seconds_total'] / 60:.1f} minutes in all. Loss curve: `loss.csv`.", "",
+        *_training_lines(training),
+
     ]
     if evaluation:
         s = evaluation["summary"]

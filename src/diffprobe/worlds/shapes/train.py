@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...errors import InputError
 from . import grammar, model
 from .render import pack, render_packed
 
@@ -68,6 +69,29 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_(e, p, 1 - decay)
 
 
+def _load_init(folder: Path) -> tuple[dict[str, torch.nn.Module], dict]:
+    """Models of a trained weights folder and its training record (``training.json`` beside the folder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    record = folder.parent / "training.json"
+    if not (folder / "model_index.json").is_file() or not record.is_file():
+        raise InputError(f"--init {folder}: expected a weights folder (model_index.json) with training.json beside it")
+    models = {
+        "vae": AutoencoderKL.from_pretrained(folder / "vae"),
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet"),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder"),
+    }
+    return models, json.loads(record.read_text())
+
+
+def _examples_seen(record: dict | None) -> int:
+    """Training examples consumed by phase 2 over a chain of runs."""
+    if record is None:
+        return 0
+    return _examples_seen(record.get("init")) + record["unet_steps"] * record["batch"]
+
+
 def train(
     out: Path,
     seed: int = 0,
@@ -79,12 +103,21 @@ def train(
     device: str | None = None,
     workers: int = 8,
     log_every: int = 50,
+    init: Path | None = None,
+    warmup: int = 300,
+    ema_decay: float = 0.999,
 ) -> dict:
+    """Train from scratch, or with ``init`` (a weights folder) continue phase 2 from it on fresh examples."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    models = model.build_models(seed)
+    parent = None
+    if init is not None:
+        models, parent = _load_init(Path(init))
+        vae_steps = 0
+    else:
+        models = model.build_models(seed)
     vae, unet, text_encoder = (models[k].to(dev) for k in ("vae", "unet", "text_encoder"))
     tokenizer = model.build_tokenizer()
     scheduler = model.build_scheduler()
@@ -114,23 +147,26 @@ def train(
         if step % log_every == 0:
             running = _log_loss(writer, log, "vae", step, running / log_every, t0)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
-        params, colors, _ = _Batches(min(1024, 16 * batch), 2 * 10**8)[0]
-        x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
-        z = vae.encode(x).latent_dist.mode()
-        vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
-        recon_mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1), x))
+    if parent is None:
+        with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
+            params, colors, _ = _Batches(min(1024, 16 * batch), 2 * 10**8)[0]
+            x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
+            z = vae.encode(x).latent_dist.mode()
+            vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+            recon_mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1), x))
+    else:
+        recon_mse = parent["vae_recon_mse"]
     sf = vae.config.scaling_factor
     vae_seconds = time.time() - t0
 
     # Phase 2: UNet + text encoder, epsilon loss, 10% caption dropout, EMA.
     trainable = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    warmup = 300
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     alphas = scheduler.alphas_cumprod.to(dev)
-    data = _loader(batch, workers)
+    # A continuation reads the examples after those its parent saw, and its EMA starts from the parent's EMA.
+    data = _loader(batch, workers, offset=_examples_seen(parent))
     done = 0
     running = 0.0
     for step in range(1, steps + 1):
@@ -158,7 +194,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = ema_decay if parent else min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text_encoder, decay)
         done = step
@@ -176,7 +212,7 @@ def train(
         "batch": batch,
         "lr": lr,
         "warmup": warmup,
-        "ema_decay": 0.999,
+        "ema_decay": ema_decay,
         "caption_dropout": 0.1,
         "max_minutes": max_minutes,
         "vae_scaling_factor": sf,
@@ -193,6 +229,8 @@ def train(
             "scheduler": model.SCHEDULER_CONFIG,
         },
         "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
+        "data_offset": _examples_seen(parent),
+        "init": parent,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     from .evaluate import model_card
@@ -212,8 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop phase 2 early; training.json says where")
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers that lay out scenes")
+    p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue phase 2 from this weights folder (training.json beside it); phase 1 is skipped")
     a = p.parse_args(argv)
-    info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers)
+    info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers,
+                 init=a.init, warmup=a.warmup, ema_decay=a.ema)
     print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
 
 
