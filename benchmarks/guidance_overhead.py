@@ -9,7 +9,9 @@ Arms: CFG; S-CFG (attention capture at latent/4 and latent/8 included); concept 
 all n + 2 branches in one batched model call; and the same concept guidance run branch by branch, one model call per
 (image, branch) as the reference implementation does. The denoising loop is timed (no VAE decode unless --decode);
 arms alternate and the median over repeats is reported. The branch-by-branch arm must reproduce the batched arm's
-latents (up to kernel rounding): the script prints the largest difference.
+latents (up to kernel rounding): the script prints the largest difference. It also counts, per denoising step, the
+aten operations each arm dispatches and how many of them read a value held on the sampling device back on the host
+(on a CPU run: every read, host-side tables included).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from diffprobe.guidance import CFG
 from diffprobe.guidance.concept import ConceptGuidance
 from diffprobe.guidance.scfg import SCFG
 from diffprobe.sampling import sample
+from diffprobe.sampling.ops import count_ops, dispatched, host_reads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODEL_HELP, load_benchmark_model, sync  # noqa: E402  (the benchmarks' shared helpers)
@@ -82,6 +85,16 @@ def main() -> None:
     # One guided step, batched vs one call per row: equal up to kernel rounding. (Over many steps the guider's hard
     # thresholds and quantile masks can amplify that rounding, so whole trajectories are not compared.)
     latents = {name: run(name, 1) for name in arms if name.startswith("concept")}
+    # Dispatched aten operations and host reads per step (two steps minus one): what a guider adds to the launch
+    # queue, and whether it stalls it.
+    per_step: dict[str, tuple[int, int]] = {}
+    for name in arms:
+        counted = []
+        for steps in (1, 2):
+            with count_ops() as ops:
+                run(name, steps)
+            counted.append((dispatched(ops), host_reads(ops, adapter.device)))
+        per_step[name] = (counted[1][0] - counted[0][0], counted[1][1] - counted[0][1])
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeats):
         for name in arms:
@@ -99,8 +112,10 @@ def main() -> None:
         f"model={args.model} device={device} dtype={adapter.dtype} size={size} steps={args.steps} "
         f"batch={args.batch} repeats={args.repeats} decode={args.decode} clock={args.clock}"
     )
+    print(f"{'arm':32s} {'ms/image':>9s}  {'x CFG':>6s}  {'ops/step':>8s}  {'host reads/step':>15s}")
     for name, value in med.items():
-        print(f"{name:32s} {value * 1000:9.1f} ms/image  {value / med['cfg']:6.3f} x CFG")
+        ops, reads = per_step[name]
+        print(f"{name:32s} {value * 1000:9.1f}  {value / med['cfg']:6.3f}  {ops:8d}  {reads:15d}")
     print("targets: S-CFG <= 1.10 x CFG; batched concept guidance faster than branch-by-branch")
     if "concept (n=2, branch-by-branch)" in latents:
         a, b = latents["concept (n=2, batched)"], latents["concept (n=2, branch-by-branch)"]

@@ -108,15 +108,18 @@ def sample(
     layers = guider.attention_layers(adapter.attention_layers(height, width), latent_size)
     guider.start(BatchContext(prompts=prompts, latent_size=latent_size, tokens=cond.tokens))
     timesteps = scheduler.timesteps
+    # The scheduler and the guider get the timestep as a host value: indexing the scheduler's tables with a GPU
+    # scalar, or reading it with float(), would make the CPU wait for the GPU at every step.
+    host_timesteps = timesteps.cpu()
     chunk = max_model_batch or n_branches * batch
     with capture_attention(adapter.denoiser, layers) as maps:
-        for i, t in enumerate(timesteps):
-            model_in = scheduler.scale_model_input(torch.cat([latents] * n_branches), t)
+        for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps, strict=True)):
+            model_in = scheduler.scale_model_input(torch.cat([latents] * n_branches), t_host)
             out, chunk = _predict(adapter, model_in, t, cond, chunk)
             guided = guider.combine(
-                out.view(n_branches, batch, *out.shape[1:]), maps, StepInfo(i, len(timesteps), float(t))
+                out.view(n_branches, batch, *out.shape[1:]), maps, StepInfo(i, len(timesteps), float(t_host))
             )
-            latents = scheduler.step(guided.to(latents.dtype), t, latents, return_dict=False)[0]
+            latents = scheduler.step(guided.to(latents.dtype), t_host, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
 

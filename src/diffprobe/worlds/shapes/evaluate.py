@@ -181,6 +181,10 @@ def _stages(training: dict) -> list[dict]:
     return ([*_stages(training["init"])] if training.get("init") else []) + [training]
 
 
+def _precision(run: dict) -> str:
+    return run.get("precision") or ("bf16 autocast" if "NVIDIA" in run["device"] else "fp32")
+
+
 def _training_lines(training: dict) -> list[str]:
     stages = _stages(training)
     root = stages[0]
@@ -203,8 +207,8 @@ def _training_lines(training: dict) -> list[str]:
         lines += [
             f"- Run {k}, phase 2 (UNet + text encoder, {what}): `{command}`{stopped}. {st['unet_steps']} steps, batch"
             f" {st['batch']}, AdamW {st['lr']}, {st['warmup']} warm-up steps, gradient clip 1.0, caption dropout"
-            f" {st['caption_dropout']}, EMA {st['ema_decay']} (the run saves the EMA weights). Hardware: {st['device']}, torch"
-            f" {st['torch']}{', bf16 autocast' if 'cuda' in st['torch'] or 'NVIDIA' in st['device'] else ', fp32'};"
+            f" {st['caption_dropout']}, EMA {st['ema_decay']} (the run saves the EMA weights)."
+            f" Hardware: {st['device']}, torch {st['torch']}, {_precision(st)};"
             f" {st['seconds_total'] / 60:.1f} minutes.",
         ]
     earlier = ", ".join(f"`loss-run{k}.csv`" for k in range(1, len(stages)))

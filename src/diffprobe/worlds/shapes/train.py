@@ -221,6 +221,7 @@ def train(
         "seconds_total": round(total, 1),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "precision": "bf16 autocast" if amp["enabled"] else "fp32",
         "parameters": model.parameter_counts({"vae": vae, "unet": unet, "text_encoder": text_encoder}),
         "configs": {
             "vae": model.VAE_CONFIG,
