@@ -95,6 +95,7 @@ def test_long_prompt_is_warned_and_recorded(tiny_sd_path, tmp_path, capsys, monk
         (["-p", "x", "--guidance-param", "novalue"], ["bad --guidance-param 'novalue'"]),
         (["-p", "x", "--steps", "0"], ["bad value 0 for --steps", "greater than or equal to 1"]),
         (["-p", "x", "--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["-p", "x", "--max-model-batch", "0"], ["--max-model-batch must be at least 1"]),
         (["-p", "x", "--generator-device", "tpu"], ["bad value 'tpu' for --generator-device"]),
         (["-p", "x", "--concepts", "suite"], ["needs prompts with reference noun phrases"]),
     ],

@@ -185,6 +185,7 @@ def generate(
     *,
     prompts: Sequence[Prompt] = (),
     batch_size: int = 1,
+    max_model_batch: int | None = None,
     new: bool = False,
     extend: bool = False,
     adapter: Any = None,
@@ -194,10 +195,13 @@ def generate(
     """Generate every (prompt, seed) job of ``spec`` that ``out`` does not hold yet.
 
     ``prompts`` may carry per-prompt metadata (stored in the run's prompts table); ``adapter`` reuses an already
-    loaded model (it must be the model ``spec`` names).
+    loaded model (it must be the model ``spec`` names). ``max_model_batch`` caps the rows of one denoiser call
+    (images x guidance branches); by default a call holds them all and is split only on running out of GPU memory.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    if max_model_batch is not None and max_model_batch < 1:
+        raise InputError(f"--max-model-batch must be at least 1 (got {max_model_batch})")
     console = console or Console(stderr=True)
     if spec.sampler.generator_device == "cuda" and not _cuda_available():
         raise InputError("--generator-device cuda needs a CUDA device; use --generator-device cpu (the default)")
@@ -236,7 +240,8 @@ def generate(
         todo = [j for j in jobs if j.key not in done_keys]
         result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=store.repair_report)
         if todo:
-            _run_jobs(store, adapter, guider, spec, config, todo, batch_size, result, console, progress)
+            _run_jobs(store, adapter, guider, spec, config, todo, batch_size, max_model_batch, result, console,
+                      progress)
         return result
     finally:
         if store is not None:
@@ -257,7 +262,8 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider) -> GenerateResult 
 
 
 def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, config: dict[str, Any],
-              todo: list[Job], batch_size: int, result: GenerateResult, console: Console, progress: bool) -> None:
+              todo: list[Job], batch_size: int, max_model_batch: int | None, result: GenerateResult,
+              console: Console, progress: bool) -> None:
     from .sampling import sample
 
     provenance = {
@@ -266,6 +272,7 @@ def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, conf
         "scheduler_class": type(getattr(adapter, "scheduler", None)).__name__,
         "device": str(adapter.device),
         "batch_size": batch_size,
+        "max_model_batch": max_model_batch,
         "prompt_source": spec.prompt_source,
         "versions": versions(),
     }
@@ -297,7 +304,7 @@ def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, conf
         for batch in batches(todo, guider, batch_size):
             out = sample(adapter, guider, [j.prompt for j in batch], [j.seed for j in batch], steps=sampler["steps"],
                          height=sampler["height"], width=sampler["width"],
-                         generator_device=sampler["generator_device"])
+                         generator_device=sampler["generator_device"], max_model_batch=max_model_batch)
             truncated = list(out.truncated) or [False] * len(batch)
             records = list(out.records) or [{} for _ in batch]
             for job, was_truncated in zip(batch, truncated, strict=True):

@@ -115,6 +115,8 @@ def register(app: typer.Typer) -> None:
         width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
         batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call (each image's noise "
                                        "depends only on its seed)."),
+        max_model_batch: int | None = typer.Option(None, "--max-model-batch", help="Most rows (images x guidance "
+                                                   "branches) per denoiser call (default: all; halved on GPU OOM)."),
         family: str | None = typer.Option(None, "--family", help="Override detection: sd, sdxl, pixart."),
         dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 CPU)."),
         device: str | None = typer.Option(None, "--device", help="cuda, mps, cpu (default: the best available)."),
@@ -156,7 +158,8 @@ def register(app: typer.Typer) -> None:
             raise InputError("--new and --extend exclude each other")
         run_dir = out or default_out(spec)
         try:
-            result = generate(spec, run_dir, prompts=items, batch_size=batch_size, new=new, extend=extend,
+            result = generate(spec, run_dir, prompts=items, batch_size=batch_size, max_model_batch=max_model_batch,
+                              new=new, extend=extend,
                               console=console, progress=not quiet)
         except KeyboardInterrupt:
             console.print(f"interrupted: finished images are kept in {run_dir}; run the same command to resume",
