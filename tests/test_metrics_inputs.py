@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,8 +49,6 @@ def test_flat_recursive_and_not_a_directory(tmp_path):
     with pytest.raises(InputError, match="not a directory"):
         load_image_set(tmp_path / "x" / "i.png")
     with pytest.raises(InputError, match="non-empty 2-D"):
-        import numpy as np
-
         np.save(tmp_path / "f.npy", np.zeros(3))
         load_features(tmp_path / "f.npy", None)
 
@@ -78,3 +77,12 @@ def test_run_with_two_guidance_variants_needs_a_choice(tmp_path):
     chosen = load_image_set(tmp_path / "run", guidance="scfg")
     assert chosen.source == "run" and [it.seed for it in chosen.items] == [1, 2]
     assert all(it.sha256 and it.path.is_file() for it in chosen.items)
+
+    # IRS reads a synthetic run the same way: one variant, or a clear refusal
+    from test_embed import MeanColor
+
+    with pytest.raises(InputError, match="pick one with --guidance"):
+        load_features(tmp_path / "run", MeanColor(), cache=False)
+    feats, info = load_features(tmp_path / "run", MeanColor(), cache=False, guidance="scfg")
+    assert feats.shape == (2, 3) and info["n_images"] == 2
+    assert np.allclose(sorted(feats[:, 0] * 255), [1, 2])  # red channel = seed of each scfg image

@@ -142,6 +142,7 @@ def irs_cmd(
     backend: str = typer.Option("torch", help="Nearest-neighbour backend: torch (chunked) or faiss."),
     out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/irs.json or ./<folder>_irs.json)."),
     strict: bool = typer.Option(False, help="Fail on unreadable or non-image files instead of skipping them."),
+    guidance: str | None = typer.Option(None, help="Score only this guidance variant of a synthetic run."),
     no_cache: bool = typer.Option(False, "--no-cache"),
     cache_dir: Path | None = typer.Option(None),
 ) -> None:
@@ -164,6 +165,7 @@ def irs_cmd(
             cache=_cache(no_cache, cache_dir),
             strict=strict,
             progress=progress,
+            guidance=guidance,
         )
     r = result["synthetic"]
     console.print(

@@ -227,9 +227,10 @@ def load_features(
     strict: bool = False,
     cache: FeatureCache | None | bool = True,
     progress: Callable[[int], None] | None = None,
+    guidance: str | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Features of every image under ``source`` (flat, recursive), or a precomputed ``.npy`` array
-    [count, dim] (memory-mapped, so very large reference sets need not fit in RAM)."""
+    """Features of every image under ``source`` (flat, recursive; of a run: only the ``guidance`` variant), or a
+    precomputed ``.npy`` array [count, dim] (memory-mapped, so very large reference sets need not fit in RAM)."""
     path = Path(source).expanduser()
     if path.suffix == ".npy":
         if not path.is_file():
@@ -240,5 +241,5 @@ def load_features(
         return feats, {"path": str(path), "source": "npy", "n_images": int(len(feats)), "dim": int(feats.shape[1])}
     if embedder is None:
         raise InputError(f"{path} is an image folder; an embedder is needed")
-    images = load_image_set(path, strict=strict, flat=True)
+    images = load_image_set(path, strict=strict, flat=True, guidance=guidance)
     return images.features(embedder, cache=cache, progress=progress), images.summary()

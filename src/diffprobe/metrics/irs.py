@@ -376,9 +376,11 @@ def score_irs(
     strict: bool = False,
     stirling: str = "auto",
     progress=None,
+    guidance: str | None = None,
 ) -> dict:
     """IRS of a synthetic set (run directory, image folder or .npy features) against a training set, and, with a
-    test split, IRS-infinity,a. ``test == train`` (same path) splits the training set 50/50, seeded.
+    test split, IRS-infinity,a. ``test == train`` (same path) splits the training set 50/50, seeded. ``guidance``
+    picks one guidance variant of a synthetic run that holds several.
 
     ``embedder="auto"`` uses SwAV when ``weights`` is given (the paper's choice), else efficientnet-lite0.
     """
@@ -404,7 +406,7 @@ def score_irs(
         else:
             model = get_embedder(embedder, weights=weights, device=device, batch_size=batch_size)
     train_f, train_info = load_features(train, model, strict=strict, cache=cache, progress=progress)
-    snth_f, snth_info = load_features(snth, model, strict=strict, cache=cache, progress=progress)
+    snth_f, snth_info = load_features(snth, model, strict=strict, cache=cache, progress=progress, guidance=guidance)
     for name, feats in (("synthetic", snth_f),):
         if feats.shape[1] != train_f.shape[1]:
             raise InputError(f"{name} features have dimension {feats.shape[1]}, train has {train_f.shape[1]}")
