@@ -139,9 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     print("chance:", json.dumps(res["chance"]))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def findings(res: dict) -> list[str]:
     """Plain-language notes computed from an evaluation's rows."""
@@ -169,7 +166,7 @@ def write_card(folder: Path, res: dict) -> None:
     previous = folder / "evaluation.json"
     history = json.loads(previous.read_text()).get("history", []) if previous.is_file() else []
     summary = {k: v for k, v in res.items() if k != "rows"}
-    summary["notes"] = findings(res) + [""] + history
+    summary["notes"] = findings(res) + [line for paragraph in history for line in ("", paragraph)]
     summary["history"] = history
     previous.write_text(json.dumps(summary, indent=2) + "\n")
     training = json.loads((folder / "training.json").read_text())
@@ -268,3 +265,7 @@ def model_card(training: dict, evaluation: dict | None = None) -> str:
                   f" ({evaluation['seconds'] / 60:.0f} minutes here).", ""]
         lines += evaluation.get("notes", [])
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

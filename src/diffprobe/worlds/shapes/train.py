@@ -85,6 +85,15 @@ def _load_init(folder: Path) -> tuple[dict[str, torch.nn.Module], dict]:
     return models, json.loads(record.read_text())
 
 
+def _cpu_name() -> str:
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                      if ln.startswith("model name")), "")
+    return f"CPU {model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def _examples_seen(record: dict | None) -> int:
     """Training examples consumed by phase 2 over a chain of runs."""
     if record is None:
@@ -219,7 +228,7 @@ def train(
         "vae_recon_mse": recon_mse,
         "seconds_vae": round(vae_seconds, 1),
         "seconds_total": round(total, 1),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "precision": "bf16 autocast" if amp["enabled"] else "fp32",
         "parameters": model.parameter_counts({"vae": vae, "unet": unet, "text_encoder": text_encoder}),
