@@ -73,19 +73,21 @@ def test_diffusers_pipeline_loads_the_folder_directly():
 
 
 def test_smoke_evaluation_reports_every_category(tmp_path):
+    """The evaluation command, run as a module the way the model card says, writes the results and the card."""
     import shutil
+    import subprocess
+    import sys
 
-    from diffprobe.worlds.shapes.evaluate import evaluate, write_card
-
-    res = evaluate(per_category=2, steps=4, batch=8, device="cpu", log=lambda *_: None)
+    shutil.copy(shapes.weights_dir().parent / "training.json", tmp_path / "training.json")
+    subprocess.run([sys.executable, "-m", "diffprobe.worlds.shapes.evaluate", "--per-category", "2", "--steps", "4",
+                    "--out", str(tmp_path / "eval.json"), "--card", str(tmp_path)], check=True, capture_output=True)
+    res = json.loads((tmp_path / "eval.json").read_text())
     assert len(res["rows"]) == 8
     s = res["summary"]
     assert {"single", "count", "binding", "relation", "all"} <= set(s)
     assert s["all"]["n"] == 8 and 0 <= s["all"]["ci95"][0] <= s["all"]["accuracy"] <= s["all"]["ci95"][1] <= 1
     assert sum(s[c]["correct"] for c in ("single", "count", "binding", "relation")) == s["all"]["correct"]
     assert all(r["reason"] for r in res["rows"])
-    shutil.copy(shapes.weights_dir().parent / "training.json", tmp_path / "training.json")
-    write_card(tmp_path, res)
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert f"| count | {s['count']['accuracy']:.3f} |" in card and "## Evaluation" in card
     assert "rows" not in json.loads((tmp_path / "evaluation.json").read_text())
