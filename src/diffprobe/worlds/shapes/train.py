@@ -141,7 +141,7 @@ def train(
     # Phase 1: autoencoder (reconstruction + a whisper of KL, as in latent diffusion).
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     data = _loader(batch, workers, offset=10**8)
-    running = 0.0
+    running: torch.Tensor | float = 0.0
     for step in range(1, vae_steps + 1):
         params, colors, _ = next(data)
         x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
@@ -152,9 +152,9 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.item()
+        running += loss.detach()  # read back only when logged: no GPU sync per step
         if step % log_every == 0:
-            running = _log_loss(writer, log, "vae", step, running / log_every, t0)
+            running = _log_loss(writer, log, "vae", step, float(running) / log_every, t0)
     vae.eval().requires_grad_(False)
     if parent is None:
         with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
@@ -177,7 +177,7 @@ def train(
     # A continuation reads the examples after those its parent saw, and its EMA starts from the parent's EMA.
     data = _loader(batch, workers, offset=_examples_seen(parent))
     done = 0
-    running = 0.0
+    running: torch.Tensor | float = 0.0
     for step in range(1, steps + 1):
         if time.time() > deadline:
             break
@@ -207,9 +207,9 @@ def train(
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text_encoder, decay)
         done = step
-        running += loss.item()
+        running += loss.detach()  # read back only when logged: no GPU sync per step
         if step % log_every == 0:
-            running = _log_loss(writer, log, "unet", step, running / log_every, t0)
+            running = _log_loss(writer, log, "unet", step, float(running) / log_every, t0)
     log.close()
     total = time.time() - t0
     model.save_pipeline(out / "weights", vae.cpu(), ema_unet.cpu(), ema_text.cpu())
