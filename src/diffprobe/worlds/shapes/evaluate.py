@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     print("chance:", json.dumps(res["chance"]))
 
 
-
 def findings(res: dict) -> list[str]:
     """Plain-language notes computed from an evaluation's rows."""
     rows = res["rows"]
@@ -175,7 +174,7 @@ def write_card(folder: Path, res: dict) -> None:
 
 def _stages(training: dict) -> list[dict]:
     """The chain of runs behind a training record, first run first (``--init`` links them)."""
-    return ([*_stages(training["init"])] if training.get("init") else []) + [training]
+    return (_stages(training["init"]) if training.get("init") else []) + [training]
 
 
 def _precision(run: dict) -> str:
@@ -239,7 +238,6 @@ def model_card(training: dict, evaluation: dict | None = None) -> str:
         f" Weights: {size_mb:.1f} MB fp32 safetensors.", "",
         "## Training", "",
         *_training_lines(training),
-
     ]
     if evaluation:
         s = evaluation["summary"]
