@@ -24,6 +24,8 @@ def test_folder_is_a_stable_diffusion_checkpoint_under_25_mb():
     assert not list(folder.rglob("*.bin"))
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert sched["num_train_timesteps"] == 1000
+    for part in ("unet", "vae"):
+        assert "_name_or_path" not in json.loads((folder / part / "config.json").read_text())
 
 
 def test_weights_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
@@ -133,6 +135,8 @@ def test_training_continues_from_a_trained_folder(tmp_path):
     a = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "weights" / "unet").state_dict()
     b = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "weights" / "unet").state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the continuation trained the parent's weights
+    config = json.loads((tmp_path / "b" / "weights" / "unet" / "config.json").read_text())
+    assert "_name_or_path" not in config  # a saved folder does not name the folder it was loaded from
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "continued from" in card
     with pytest.raises(InputError, match="training.json"):

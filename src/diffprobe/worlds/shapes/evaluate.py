@@ -148,7 +148,7 @@ def findings(res: dict) -> list[str]:
     notes = [
         "- `single` requires the size word when the caption has one (\"a small red circle\");"
         " `single/ignoring-size` checks colour and kind only.",
-        f"- {len(blank)} of {len(rows)} images are blank (no shape found),"
+        f"- Blank images (no shape found): {len(blank)} of {len(rows)},"
         f" {sum(r['category'] == 'single' for r in blank)} of them for single-shape prompts.",
         f"- Relations fail mostly on binding: {len(both)} of {len(rel)} relation images hold both objects with the"
         f" right colours and kinds, and {sum(r['correct'] for r in both)} of those have the right relation.",

@@ -82,6 +82,9 @@ def save_pipeline(folder: str | Path, vae: AutoencoderKL, unet: UNet2DConditionM
             module.to(dtype)
         module.save_pretrained(folder / name, safe_serialization=True)
         module.float()
+        config = folder / name / "config.json"  # diffusers records the folder it loaded from; a shipped one must not
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != "_name_or_path"}, indent=2, sort_keys=True) + "\n")
     build_tokenizer().save_pretrained(folder / "tokenizer")
     build_scheduler().save_pretrained(folder / "scheduler")
     index = {
