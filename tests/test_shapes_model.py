@@ -139,5 +139,28 @@ def test_training_continues_from_a_trained_folder(tmp_path):
     assert "_name_or_path" not in config  # a saved folder does not name the folder it was loaded from
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "continued from" in card
+    assert "--replay training.json" in card
     with pytest.raises(InputError, match="training.json"):
         train(tmp_path / "c", steps=1, device="cpu", workers=0, init=tmp_path / "b")
+
+
+def test_replay_trains_the_recorded_chain_again_and_resumes(tmp_path, monkeypatch, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from diffprobe.worlds.shapes import train as training
+
+    train = training.train
+    train(tmp_path / "a", seed=1, vae_steps=2, steps=3, batch=2, device="cpu", workers=0, log_every=1)
+    record = train(tmp_path / "b", seed=2, steps=2, batch=4, lr=1e-3, device="cpu", workers=0, log_every=1,
+                   init=tmp_path / "a" / "weights", warmup=1, ema_decay=0.5)
+    last = training.replay(record, tmp_path / "again", device="cpu", workers=0, log_every=1)
+    assert [r["unet_steps"] for r in training.chain(last)] == [3, 2]
+    assert last["lr"] == 1e-3 and last["ema_decay"] == 0.5 and last["data_offset"] == record["data_offset"]
+    original = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "weights" / "unet").state_dict()
+    replayed = UNet2DConditionModel.from_pretrained(tmp_path / "again" / "run2" / "weights" / "unet").state_dict()
+    assert all(torch.equal(original[k], replayed[k]) for k in original)  # same seed, data and device: same weights
+
+    # A finished run is kept: replaying again trains nothing.
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    training.replay(record, tmp_path / "again", device="cpu", workers=0)
+    assert capsys.readouterr().out.count("already holds it") == 2

@@ -19,3 +19,14 @@ class ResolutionError(DiffprobeError):
 
 class RunMismatchError(DiffprobeError):
     """An existing run directory was made with a different spec."""
+
+
+def exit_on_user_error(main) -> None:
+    """Run a module's ``main()`` as the CLI does: a :class:`DiffprobeError` prints its message and exits with 2."""
+    import sys
+
+    try:
+        main()
+    except DiffprobeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

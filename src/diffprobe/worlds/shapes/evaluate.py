@@ -13,9 +13,11 @@ import math
 import time
 from pathlib import Path
 
+from ...errors import exit_on_user_error
 from ...judges.base import ObjectSpec, Question
 from .grammar import CATEGORIES, ShapesPrompt, prompts
 from .judge import ShapesJudge, answer, detect
+from .train import chain
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -172,17 +174,12 @@ def write_card(folder: Path, res: dict) -> None:
     (folder / "MODEL_CARD.md").write_text(model_card(training, summary))
 
 
-def _stages(training: dict) -> list[dict]:
-    """The chain of runs behind a training record, first run first (``--init`` links them)."""
-    return (_stages(training["init"]) if training.get("init") else []) + [training]
-
-
 def _precision(run: dict) -> str:
     return run.get("precision") or ("bf16 autocast" if "NVIDIA" in run["device"] else "fp32")
 
 
 def _training_lines(training: dict) -> list[str]:
-    stages = _stages(training)
+    stages = chain(training)
     root = stages[0]
     lines = [
         f"- Data: {root['data']}; each run reads the examples after those of the run it continues. Training captions"
@@ -208,7 +205,10 @@ def _training_lines(training: dict) -> list[str]:
             f" {st['seconds_total'] / 60:.1f} minutes.",
         ]
     earlier = ", ".join(f"`loss-run{k}.csv`" for k in range(1, len(stages)))
-    lines += ["- Loss curve: `loss.csv`" + (f" (last run; earlier runs: {earlier})." if earlier else "."), ""]
+    lines += ["- Loss curve: `loss.csv`" + (f" (last run; earlier runs: {earlier})." if earlier else "."),
+              "- Replay every run above with its recorded settings (into DIR/run1, DIR/run2, ...; finished runs are"
+              " kept): `python -m diffprobe.worlds.shapes.train --replay training.json --out DIR`"
+              + (" (`--replay shipped` for the shipped model)." if len(stages) > 1 else "."), ""]
     return lines
 
 
@@ -266,4 +266,4 @@ def model_card(training: dict, evaluation: dict | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

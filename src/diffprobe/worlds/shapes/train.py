@@ -4,6 +4,7 @@ Phase 1 trains the KL autoencoder on rendered scenes; phase 2 trains the UNet an
 epsilon-prediction loss, dropping 10% of captions so classifier-free guidance works, and keeps an EMA of both. Scenes
 are rendered on the fly (scene layouts in DataLoader workers, pixels on the training device). Writes ``DIR/weights``
 (a Stable-Diffusion-style diffusers folder), ``DIR/loss.csv`` and ``DIR/training.json``.
+``--init`` continues a trained folder; ``--replay training.json`` trains a recorded chain of runs again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...errors import InputError
+from ...errors import InputError, exit_on_user_error
 from . import grammar, model
 from .render import pack, render_packed
 
@@ -92,6 +93,40 @@ def _cpu_name() -> str:
         model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
                       if ln.startswith("model name")), "")
     return f"CPU {model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def chain(record: dict) -> list[dict]:
+    """The runs behind a training record, first run first (``--init`` links them)."""
+    return (chain(record["init"]) if record.get("init") else []) + [record]
+
+
+_REPLAYED = ("seed", "vae_steps", "unet_steps", "batch", "lr", "warmup", "ema_decay")
+
+
+def replay(record: dict, out: Path, device: str | None = None, workers: int = 8, log_every: int = 50) -> dict:
+    """Train every run of a recorded chain again with its recorded settings, into ``out/run1``, ``out/run2``, ...
+
+    Each run takes the step count it reached, so runs stopped by ``--max-minutes`` replay the same length on any
+    hardware. A run folder whose training.json already records the same settings is kept, so an interrupted
+    replay resumes at the run it stopped in.
+    """
+    info: dict = {}
+    init = None
+    for k, run in enumerate(chain(record), 1):
+        folder = out / f"run{k}"
+        done = folder / "training.json"
+        if done.is_file() and (folder / "weights" / "model_index.json").is_file():
+            info = json.loads(done.read_text())
+            if all(info.get(key) == run[key] for key in _REPLAYED):
+                print(f"run {k}: {folder} already holds it, kept")
+                init = folder / "weights"
+                continue
+        print(f"run {k}: {run['unet_steps']} steps, batch {run['batch']}, into {folder}")
+        info = train(folder, run["seed"], run["vae_steps"], run["unet_steps"], run["batch"], run["lr"],
+                     device=device, workers=workers, log_every=log_every, init=init, warmup=run["warmup"],
+                     ema_decay=run["ema_decay"])
+        init = folder / "weights"
+    return info
 
 
 def _examples_seen(record: dict | None) -> int:
@@ -264,11 +299,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--init", type=Path, default=None,
                    help="continue phase 2 from this weights folder (training.json beside it); phase 1 is skipped")
+    p.add_argument("--replay", default=None, metavar="TRAINING_JSON",
+                   help="train again every run recorded in this training.json (`shipped`: the shipped model's),"
+                        " into OUT/run1, OUT/run2, ...; only --out, --device and --workers apply")
     a = p.parse_args(argv)
+    if a.replay:
+        if a.init:
+            raise InputError("--replay and --init do not combine: the recorded chain says what each run starts from")
+        path = Path(__file__).parent / "training.json" if a.replay == "shipped" else Path(a.replay)
+        if not path.is_file():
+            raise InputError(f"--replay {a.replay}: no such training record (give a training.json, or `shipped`)")
+        info = replay(json.loads(path.read_text()), a.out, a.device, a.workers)
+        runs = len(chain(info))
+        print(f"replayed {runs} runs; the last run's weights: {a.out / f'run{runs}' / 'weights'}")
+        return
     info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers,
                  init=a.init, warmup=a.warmup, ema_decay=a.ema)
     print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)
