@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
-from rich.console import Console
 
-from .errors import DiffprobeError
+from .errors import exit_on_user_error
 
 app = typer.Typer(
     name="diffprobe",
@@ -32,11 +30,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    try:
-        app()
-    except DiffprobeError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
-        sys.exit(2)
+    exit_on_user_error(app)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ class RunMismatchError(DiffprobeError):
 
 
 def exit_on_user_error(main) -> None:
-    """Run a module's ``main()`` as the CLI does: a :class:`DiffprobeError` prints its message and exits with 2."""
+    """Run a command's ``main()``: a :class:`DiffprobeError` prints its message (no traceback) and exits with 2."""
     import sys
+
+    from rich.console import Console
 
     try:
         main()
     except DiffprobeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(2)
