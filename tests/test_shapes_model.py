@@ -164,3 +164,10 @@ def test_replay_trains_the_recorded_chain_again_and_resumes(tmp_path, monkeypatc
     monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     training.replay(record, tmp_path / "again", device="cpu", workers=0)
     assert capsys.readouterr().out.count("already holds it") == 2
+
+    # A run trained again makes every later run stale: they are trained again too.
+    (tmp_path / "again" / "run1" / "training.json").unlink()
+    trained = []
+    monkeypatch.setattr(training, "train", lambda folder, *a, **k: trained.append(folder.name) or {})
+    training.replay(record, tmp_path / "again", device="cpu", workers=0)
+    assert trained == ["run1", "run2"]

@@ -108,19 +108,21 @@ def replay(record: dict, out: Path, device: str | None = None, workers: int = 8,
 
     Each run takes the step count it reached, so runs stopped by ``--max-minutes`` replay the same length on any
     hardware. A run folder whose training.json already records the same settings is kept, so an interrupted
-    replay resumes at the run it stopped in.
+    replay resumes at the run it stopped in; once one run is trained again, every later run is too.
     """
     info: dict = {}
     init = None
+    retrained = False
     for k, run in enumerate(chain(record), 1):
         folder = out / f"run{k}"
         done = folder / "training.json"
-        if done.is_file() and (folder / "weights" / "model_index.json").is_file():
+        if not retrained and done.is_file() and (folder / "weights" / "model_index.json").is_file():
             info = json.loads(done.read_text())
             if all(info.get(key) == run[key] for key in _REPLAYED):
                 print(f"run {k}: {folder} already holds it, kept")
                 init = folder / "weights"
                 continue
+        retrained = True
         print(f"run {k}: {run['unet_steps']} steps, batch {run['batch']}, into {folder}")
         info = train(folder, run["seed"], run["vae_steps"], run["unet_steps"], run["batch"], run["lr"],
                      device=device, workers=workers, log_every=log_every, init=init, warmup=run["warmup"],
