@@ -21,6 +21,10 @@ class RunMismatchError(DiffprobeError):
     """An existing run directory was made with a different spec."""
 
 
+class StorageError(DiffprobeError):
+    """The disk is full or read-only, or a file cannot be written."""
+
+
 def exit_on_user_error(main) -> None:
     """Run a command's ``main()``: a :class:`DiffprobeError` prints its message (no traceback) and exits with 2."""
     import sys

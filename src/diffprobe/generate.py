@@ -7,6 +7,7 @@ The same call twice generates nothing the second time; a killed call loses only 
 from __future__ import annotations
 
 import platform
+import sqlite3
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,7 +29,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .errors import InputError
+from .errors import InputError, StorageError
 from .guidance import Guider, make_guider
 from .prompts import Prompt
 from .spec import RunSpec, job_key
@@ -147,9 +149,11 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Console) -> RunStore:
-    """Open the run at ``out`` for writing and check ``spec`` against it (RunMismatchError). A run that holds
-    no image yet (its first call failed or was stopped early) simply takes the new spec."""
+def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Console,
+                  repair: bool = False) -> tuple[RunStore, RepairReport]:
+    """Open the run at ``out`` for writing, check ``spec`` against it (RunMismatchError) and repair it (see
+    ``RunStore.repair``; ``repair`` drops rows whose image is missing so they are generated again). A run that
+    holds no image yet (its first call failed or was stopped early) simply takes the new spec."""
     store = open_run(out, write=True)
     try:
         stored = store.spec
@@ -159,12 +163,13 @@ def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Cons
             store.set_meta("config", None)
         else:
             store.check_spec(spec, extend=extend)
+        report = store.repair(drop_missing=repair)
     except BaseException:
         store.close()
         raise
-    if store.repair_report:
-        console.print(f"[yellow]repaired {store.root}:[/] {store.repair_report}", highlight=False)
-    return store
+    if report:
+        console.print(f"[yellow]{escape(str(store.root))}:[/] {report}", highlight=False)
+    return store, report
 
 
 def _cuda_available() -> bool:
@@ -188,6 +193,7 @@ def generate(
     max_model_batch: int | None = None,
     new: bool = False,
     extend: bool = False,
+    repair: bool = False,
     adapter: Any = None,
     console: Console | None = None,
     progress: bool = True,
@@ -197,6 +203,8 @@ def generate(
     ``prompts`` may carry per-prompt metadata (stored in the run's prompts table); ``adapter`` reuses an already
     loaded model (it must be the model ``spec`` names). ``max_model_batch`` caps the rows of one denoiser call
     (images x guidance branches); by default a call holds them all and is split only on running out of GPU memory.
+    ``repair`` drops the rows of an existing run whose image file is missing, so they are generated again (without
+    it they are reported and kept).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -206,8 +214,10 @@ def generate(
     if spec.sampler.generator_device == "cuda" and not _cuda_available():
         raise InputError("--generator-device cuda needs a CUDA device; use --generator-device cpu (the default)")
     # Check everything that can fail before a new run directory is made, so a typo leaves nothing behind.
-    store = open_existing(out, spec, extend=extend, console=console) if is_run_dir(out) and not new else None
-    if store is None:
+    store, report = None, RepairReport()
+    if is_run_dir(out) and not new:
+        store, report = open_existing(out, spec, extend=extend, console=console, repair=repair)
+    else:
         check_new_run_dir(out, new=new)
     try:
         metas: dict[str, dict[str, Any]] = {text: {} for text in spec.prompts}
@@ -215,7 +225,7 @@ def generate(
             metas.update(store.prompt_meta())
         metas.update({p.text: p.meta for p in prompts})
         guider = make_run_guider(spec, metas)
-        if store is not None and (done := _complete(store, spec, guider)) is not None:
+        if store is not None and (done := _complete(store, spec, guider, report)) is not None:
             return done  # a complete run needs no model at all
         if adapter is None:
             from .models import load_model
@@ -238,7 +248,7 @@ def generate(
         done_keys = store.keys()
         jobs = plan(spec.prompts, spec.seeds, config)
         todo = [j for j in jobs if j.key not in done_keys]
-        result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=store.repair_report)
+        result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=report)
         if todo:
             _run_jobs(store, adapter, guider, spec, config, todo, batch_size, max_model_batch, result, console,
                       progress)
@@ -248,7 +258,7 @@ def generate(
             store.close()
 
 
-def _complete(store: RunStore, spec: RunSpec, guider: Guider) -> GenerateResult | None:
+def _complete(store: RunStore, spec: RunSpec, guider: Guider, report: RepairReport) -> GenerateResult | None:
     """The result for a run that already holds every job of ``spec`` (keys from its stored config), else None."""
     config, stored = store.get_meta("config"), store.spec
     # Only an identical request may reuse the stored resolution of defaults (steps, dtype, size, ...).
@@ -258,7 +268,7 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider) -> GenerateResult 
     done = store.keys()
     if not all(j.key in done for j in jobs):
         return None
-    return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=store.repair_report)
+    return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=report)
 
 
 def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, config: dict[str, Any],
@@ -297,7 +307,12 @@ def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, conf
         task = bar.add_task("generate", total=len(todo))
 
         def write(items: list[NewSample]) -> None:
-            store.add(items)
+            try:
+                store.add(items)
+            except (OSError, sqlite3.Error) as err:  # disk full, read-only storage, I/O error
+                reason = getattr(err, "strerror", None) or str(err)
+                raise StorageError(f"cannot write to {store.root} ({reason}); {len(store)} image(s) are kept there; "
+                                   "free space (or make it writable) and run the same command to resume") from err
             result.generated += len(items)
             bar.advance(task, len(items))
 

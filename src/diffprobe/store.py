@@ -8,8 +8,15 @@ Layout::
 
 Crash safety: an image is written to a temp file in its final folder, fsynced and renamed to its hash name,
 and only then is its row inserted (one transaction per batch). So a row always has its file; a killed writer
-can leave temp files or files without rows, which the next opener cleans up when no writer holds the lock.
-Other features keep their own tables or SQLite files next to this one (``RunStore.connect``, ``RunStore.root``).
+can leave temp files or files without rows.
+
+Readers (``open_run(path)``: score, export, ...) never change a run: they open the database read-only, take no
+lock and create nothing, so a run on read-only storage reads as it is. ``RunStore.check`` reports what is
+missing or extra. Only a writer (``open_run(path, write=True)``, holding the lock) cleans up, with
+``RunStore.repair``: it removes temp files and images without a row, and reports rows whose image is missing;
+it drops those rows (so they are generated again) only when asked to.
+Other features keep their own tables or SQLite files next to this one (``RunStore.connect``, ``RunStore.root``);
+a ``verdicts`` table with a ``key`` column joins into the export.
 """
 
 from __future__ import annotations
@@ -19,16 +26,18 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
 
-from .errors import InputError, RunMismatchError
+from .errors import InputError, RunMismatchError, StorageError
 from .spec import RunSpec, flatten
 
 try:  # POSIX advisory locks; elsewhere a single writer is the user's responsibility
@@ -41,8 +50,10 @@ IMAGES = "images"
 LOCK_NAME = "run.lock"
 TMP_SUFFIX = ".tmp"
 SCHEMA_VERSION = 1
+VERDICTS_TABLE = "verdicts"  # made by judges; one or more rows per sample key
 
-_SCHEMA = """
+_SCHEMA = f"""
+BEGIN;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS prompts (prompt TEXT PRIMARY KEY, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS samples (
@@ -59,7 +70,16 @@ CREATE TABLE IF NOT EXISTS samples (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_prompt_seed ON samples (prompt, seed);
+INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
+COMMIT;
 """
+_COLUMNS = {
+    "meta": {"name", "value"},
+    "prompts": {"prompt", "meta"},
+    "samples": {"key", "prompt", "seed", "image_sha256", "width", "height", "guidance", "provenance", "records",
+                "truncated", "created"},
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -98,10 +118,38 @@ class NewSample:
 
 
 @dataclass
+class RunCheck:
+    """What a reader found, changing nothing: rows whose image is missing, files that belong to no row."""
+
+    root: Path
+    missing: list[str] = field(default_factory=list)  # sample keys whose image file is gone
+    extra: list[Path] = field(default_factory=list)  # images without a row and unfinished temp files
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} image file(s) missing")
+        if self.extra:
+            parts.append(f"{len(self.extra)} extra file(s)")
+        return ", ".join(parts) or "complete"
+
+    def note(self) -> str:
+        """One line for the user, with the command that cleans up."""
+        return (f"{self.root}: {self}; re-run the generate command that made it with --repair to clean up "
+                "(rows whose image is missing are then generated again)")
+
+
+@dataclass
 class RepairReport:
-    temp_files: int = 0
-    orphan_images: int = 0
-    missing_rows: list[str] = field(default_factory=list)  # keys dropped because their file was gone
+    """What a writer's ``RunStore.repair`` did."""
+
+    temp_files: int = 0  # removed
+    orphan_images: int = 0  # removed (images without a row)
+    missing_rows: list[str] = field(default_factory=list)  # keys whose image file is missing
+    dropped: bool = False  # whether those rows were deleted (so they are generated again)
 
     def __bool__(self) -> bool:
         return bool(self.temp_files or self.orphan_images or self.missing_rows)
@@ -112,8 +160,12 @@ class RepairReport:
             parts.append(f"removed {self.temp_files} unfinished temp file(s)")
         if self.orphan_images:
             parts.append(f"removed {self.orphan_images} image(s) without a row")
-        if self.missing_rows:
-            parts.append(f"dropped {len(self.missing_rows)} row(s) whose image file was missing")
+        if self.missing_rows and self.dropped:
+            parts.append(f"dropped {len(self.missing_rows)} row(s) whose image file was missing; they are "
+                         "generated again")
+        elif self.missing_rows:
+            parts.append(f"kept {len(self.missing_rows)} row(s) whose image file is missing (pass --repair to "
+                         "drop them so they are generated again)")
         return "; ".join(parts) or "nothing to repair"
 
 
@@ -122,7 +174,8 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def open_run(path: str | Path, *, write: bool = False) -> RunStore:
-    """Open an existing run directory. ``write=True`` takes the writer lock (one writer at a time)."""
+    """Open an existing run directory: read-only (changes nothing), or ``write=True`` with the writer lock
+    (one writer at a time; it should call ``repair`` once)."""
     if not is_run_dir(path):
         raise InputError(f"{path} is not a diffprobe run directory (no {DB_NAME}); create one with "
                          f"'diffprobe generate --out {path}'")
@@ -131,18 +184,30 @@ def open_run(path: str | Path, *, write: bool = False) -> RunStore:
 
 def create_run(path: str | Path, spec: RunSpec, *, new: bool = False) -> RunStore:
     """Create a run directory for ``spec`` and open it for writing. An existing run is refused unless
-    ``new`` is set, in which case it is moved aside to ``<path>.old-<timestamp>`` (nothing is deleted)."""
+    ``new`` is set, in which case it is moved aside to ``<path>.old-<timestamp>`` (nothing is deleted); a run
+    that another process is writing is never moved."""
     path = Path(path)
     check_new_run_dir(path, new=new)
     aside = None
     if path.exists() and any(path.iterdir()):
-        aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside = aside.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-            n += 1
-        path.rename(aside)
-    path.mkdir(parents=True, exist_ok=True)
+        # Hold the old run's writer lock across the move, so a live writer is refused, not moved away.
+        lock = _take_lock(path.resolve()) if is_run_dir(path) else None
+        try:
+            aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            n = 1
+            while aside.exists():
+                aside = aside.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+                n += 1
+            path.rename(aside)
+        except OSError as err:
+            raise StorageError(f"cannot move {path} aside ({_reason(err)})") from None
+        finally:
+            if lock is not None:
+                lock.close()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot create the run directory {path} ({_reason(err)})") from None
     store = RunStore(path, write=True)
     store.moved_aside = aside.resolve() if aside is not None else None
     store.set_meta("spec", spec.model_dump(mode="json"))
@@ -150,13 +215,47 @@ def create_run(path: str | Path, spec: RunSpec, *, new: bool = False) -> RunStor
 
 
 def check_new_run_dir(path: str | Path, *, new: bool = False) -> None:
-    """A new run needs an empty or missing directory, unless ``new`` allows moving the old one aside."""
+    """A new run needs an empty or missing directory, unless ``new`` allows moving the old one aside; a run that
+    another process is writing is refused either way (wait for it; --new would not help)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file; --out needs a directory")
-    if path.exists() and any(path.iterdir()) and not new:
-        raise RunMismatchError(f"{path} exists and is not empty; choose another --out, or pass --new to move "
-                               "it aside and start a fresh run there")
+    if path.exists() and any(path.iterdir()):
+        if _writer_active(path):
+            raise InputError(f"another process is writing to {path.resolve()}; wait for it to finish")
+        if not new:
+            raise RunMismatchError(f"{path} exists and is not empty; choose another --out, or pass --new to move "
+                                   "it aside and start a fresh run there")
+
+
+def _take_lock(root: Path) -> io.BufferedWriter | None:
+    """The writer lock of ``root`` (None where flock is unavailable); a second writer is refused."""
+    if fcntl is None:
+        return None
+    try:
+        f = open(root / LOCK_NAME, "ab")  # noqa: SIM115 - held for the store's lifetime
+    except OSError as err:
+        raise StorageError(f"cannot write to {root} ({_reason(err)}); a run needs a writable directory") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise InputError(f"another process is writing to {root}; wait for it to finish") from None
+    return f
+
+
+def _writer_active(path: Path) -> bool:
+    """Whether a writer holds ``path``'s lock; creates nothing (a run without a lock file never had a writer)."""
+    if fcntl is None or not (path / LOCK_NAME).is_file():
+        return False
+    try:
+        with open(path / LOCK_NAME, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class RunStore:
@@ -166,25 +265,22 @@ class RunStore:
         self.writable = write
         self.moved_aside: Path | None = None  # set by create_run(new=True) when an old run was moved away
         self._lock_file: io.BufferedWriter | None = None
-        self.repair_report = RepairReport()
         if write:
-            self.root.mkdir(parents=True, exist_ok=True)
-        # Only an opener that holds the lock may write or clean up: a live writer's fresh files have no rows yet,
-        # and a reader on read-only storage cannot take the lock, so it reads the run as it is.
-        locked = self._acquire_lock(blocking_error=write)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"cannot create the run directory {self.root} ({_reason(err)})") from None
+            self._lock_file = _take_lock(self.root)
         try:
             self._conn = self.connect()
-            if locked:
-                with self._conn:
-                    self._conn.executescript(_SCHEMA)
-                    self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                                       (str(SCHEMA_VERSION),))
-                self.repair_report = self._repair()
+            try:
+                self._check_schema()
+            except BaseException:
+                self._conn.close()
+                raise
         except BaseException:
             self._release_lock()
             raise
-        if locked and not write:
-            self._release_lock()
 
     # -- connection and locking ---------------------------------------------------------------------------
 
@@ -193,33 +289,75 @@ class RunStore:
         return self.root / DB_NAME
 
     def connect(self) -> sqlite3.Connection:
-        """A new connection to ``run.sqlite`` in WAL mode (other features may add their own tables)."""
+        """A new connection to ``run.sqlite``: WAL mode for a writer (other features may add their own tables),
+        read-only for a reader."""
+        if not self.writable:
+            return self._connect_read_only()
         # check_same_thread=False: the driver hands writes to one writer thread; never two threads at once.
         conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable against process crashes in WAL mode; a power cut may lose the last rows, whose
-        # files then count as orphans and are regenerated.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against process crashes in WAL mode; a power cut may lose the last rows, whose
+            # files then count as orphans and are regenerated.
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            raise self._broken(str(err)) from None
         return conn
 
-    def _acquire_lock(self, blocking_error: bool) -> bool:
-        if fcntl is None:
-            return True
+    def _connect_read_only(self) -> sqlite3.Connection:
+        uri = self.db_path.as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30, check_same_thread=False)
         try:
-            f = open(self.root / LOCK_NAME, "ab")  # noqa: SIM115 - held for the store's lifetime
-        except OSError:
-            if blocking_error:
-                raise InputError(f"cannot write to {self.root}; a run needs a writable directory") from None
-            return False  # read-only storage: read as is, without repair
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            raise self._broken(str(err)) from None
+        # A WAL database on read-only storage whose -shm file is absent (its last writer closed cleanly, so the
+        # database file holds every row): SQLite cannot create the -shm, so read the file as an immutable one.
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            if blocking_error:
-                raise InputError(f"another process is writing to {self.root}; wait for it to finish") from None
-            return False
-        self._lock_file = f
-        return True
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            raise InputError(f"cannot read {self.db_path} ({err})") from None
+        return conn
+
+    def _broken(self, reason: str) -> InputError:
+        return InputError(f"{self.db_path} is not a diffprobe run database ({reason})")
+
+    def _check_schema(self) -> None:
+        """Refuse a database that is not a run's; a writer lays out a new (empty) one."""
+        try:
+            tables = {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables and self.writable:
+                with self._writing():
+                    self._conn.executescript(_SCHEMA)  # one transaction: a killed writer leaves all or nothing
+                return
+            for table, columns in _COLUMNS.items():
+                if table not in tables:
+                    raise self._broken(f"no '{table}' table")
+                have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                if lacking := sorted(columns - have):
+                    raise self._broken(f"table '{table}' lacks column(s) {', '.join(lacking)}")
+        except sqlite3.DatabaseError as err:
+            raise self._broken(str(err)) from None
+        version = self.get_meta("schema_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                    or not 1 <= version <= SCHEMA_VERSION):
+            raise self._broken(f"schema version {version!r}; this diffprobe reads version {SCHEMA_VERSION}")
+        self.spec  # noqa: B018 - a bad spec row is refused now, not in the middle of a command
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Disk full, read-only storage or I/O errors while writing the database: one clear error."""
+        try:
+            yield
+        except sqlite3.OperationalError as err:
+            raise StorageError(f"cannot write to {self.db_path} ({err})") from err
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
@@ -239,18 +377,26 @@ class RunStore:
     # -- meta and spec --------------------------------------------------------------------------------------
 
     def get_meta(self, name: str) -> Any:
-        row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            return None if row is None else json.loads(row[0])
+        except (sqlite3.DatabaseError, TypeError, ValueError) as err:  # ValueError: bad JSON
+            raise self._broken(f"bad meta row '{name}': {err}") from None
 
     def set_meta(self, name: str, value: Any) -> None:
         self._require_write()
-        with self._conn:
+        with self._writing(), self._conn:
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, json.dumps(value)))
 
     @property
     def spec(self) -> RunSpec | None:
         data = self.get_meta("spec")
-        return None if data is None else RunSpec.model_validate(data)
+        try:
+            return None if data is None else RunSpec.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "spec"
+            raise self._broken(f"bad spec row: {where}: {first['msg']}") from None
 
     def check_spec(self, spec: RunSpec, *, extend: bool = False) -> None:
         """Refuse a spec whose generation settings differ from the stored one, or whose prompts/seeds
@@ -280,6 +426,8 @@ class RunStore:
         if stored is None:
             self.set_meta("config", config)
             return
+        if not isinstance(stored, dict):
+            raise self._broken(f"bad meta row 'config': not an object ({type(stored).__name__})")
         old, new = flatten(stored), flatten(json.loads(json.dumps(config)))
         if diffs := [f"{k}: {old.get(k)!r} (run) != {new.get(k)!r} (now)" for k in sorted(old.keys() | new.keys())
                      if old.get(k) != new.get(k)]:
@@ -290,26 +438,44 @@ class RunStore:
 
     def add_prompts(self, prompts: Iterable[tuple[str, dict[str, Any]]]) -> None:
         self._require_write()
-        with self._conn:
+        with self._writing(), self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO prompts VALUES (?, ?)",
                                    [(text, json.dumps(meta, default=str)) for text, meta in prompts])
 
     def prompt_meta(self) -> dict[str, dict[str, Any]]:
-        return {t: json.loads(m) for t, m in self._conn.execute("SELECT prompt, meta FROM prompts")}
+        try:
+            metas = {t: json.loads(m) for t, m in self._conn.execute("SELECT prompt, meta FROM prompts")}
+        except (sqlite3.DatabaseError, TypeError, ValueError) as err:
+            raise self._broken(f"bad prompts row: {err}") from None
+        if bad := next((t for t, m in metas.items() if not isinstance(m, dict)), None):
+            raise self._broken(f"prompts row {bad!r}: meta is not an object")
+        return metas
 
     # -- samples --------------------------------------------------------------------------------------------
 
     def image_path(self, sha256: str) -> Path:
         return self.images_dir / sha256[:2] / f"{sha256}.png"
 
+    def _rows(self, query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(query, args).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise self._broken(str(err)) from None
+
+    def _checked_sha(self, key: Any, sha: Any) -> str:
+        """An image hash from a row; anything else could point a reader at a file outside the run."""
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise self._broken(f"sample {key!r} has image_sha256 {sha!r}, not 64 lowercase hex characters")
+        return sha
+
     def keys(self) -> set[str]:
-        return {k for (k,) in self._conn.execute("SELECT key FROM samples")}
+        return {k for (k,) in self._rows("SELECT key FROM samples")}
 
     def __len__(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        return self._rows("SELECT COUNT(*) FROM samples")[0][0]
 
     def __contains__(self, key: object) -> bool:
-        return self._conn.execute("SELECT 1 FROM samples WHERE key = ?", (key,)).fetchone() is not None
+        return bool(self._rows("SELECT 1 FROM samples WHERE key = ?", (key,)))
 
     def samples(self, prompt: str | None = None) -> list[Sample]:
         """All samples (or one prompt's), ordered by prompt then seed."""
@@ -320,11 +486,18 @@ class RunStore:
             query, args = query + " WHERE prompt = ?", (prompt,)
         metas = self.prompt_meta()
         out = []
-        for key, p, seed, sha, w, h, guidance, prov, rec, trunc, created in self._conn.execute(
+        for key, p, seed, sha, w, h, guidance, prov, rec, trunc, created in self._rows(
             query + " ORDER BY prompt, seed", args
         ):
+            sha = self._checked_sha(key, sha)
+            if not isinstance(seed, int) or not isinstance(p, str):
+                raise self._broken(f"sample {key!r} has prompt {p!r} and seed {seed!r}")
+            try:
+                guidance, prov, rec = json.loads(guidance), json.loads(prov), json.loads(rec)
+            except (TypeError, ValueError) as err:
+                raise self._broken(f"sample {key!r}: a JSON column does not parse ({err})") from None
             out.append(Sample(key=key, prompt=p, seed=seed, image_path=self.image_path(sha), image_sha256=sha,
-                              guidance=json.loads(guidance), provenance=json.loads(prov), records=json.loads(rec),
+                              guidance=guidance, provenance=prov, records=rec,
                               truncated=bool(trunc), width=w, height=h, created=created,
                               prompt_meta=metas.get(p, {})))
         return out
@@ -368,60 +541,97 @@ class RunStore:
 
     # -- consistency ----------------------------------------------------------------------------------------
 
-    def _repair(self) -> RepairReport:
-        report = RepairReport()
-        if self.images_dir.is_dir():
-            for tmp in self.images_dir.glob(f"*/*{TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
-                report.temp_files += 1
-        rows = self._conn.execute("SELECT key, image_sha256 FROM samples").fetchall()
+    def check(self) -> RunCheck:
+        """Rows whose image file is missing and files without a row; changes nothing (readers use this)."""
+        rows = [(key, self._checked_sha(key, sha)) for key, sha in self._rows("SELECT key, image_sha256 FROM samples")]
         referenced = {sha for _, sha in rows}
-        report.missing_rows = [key for key, sha in rows if not self.image_path(sha).is_file()]
-        if report.missing_rows:
-            with self._conn:
-                self._conn.executemany("DELETE FROM samples WHERE key = ?", [(k,) for k in report.missing_rows])
+        missing = [key for key, sha in rows if not self.image_path(sha).is_file()]
+        extra: list[Path] = []
         if self.images_dir.is_dir():
-            for png in self.images_dir.glob("*/*.png"):
-                if png.stem not in referenced:
-                    png.unlink(missing_ok=True)
-                    report.orphan_images += 1
+            extra += sorted(self.images_dir.glob(f"*/*{TMP_SUFFIX}"))
+            extra += sorted(png for png in self.images_dir.glob("*/*.png") if png.stem not in referenced)
+        return RunCheck(self.root, missing, extra)
+
+    def repair(self, *, drop_missing: bool = False) -> RepairReport:
+        """For the writer, once after opening: remove temp files and images without a row (a killed writer's
+        leftovers), and report rows whose image file is missing; ``drop_missing`` deletes those rows, so the
+        writer makes them again."""
+        self._require_write()
+        found = self.check()
+        report = RepairReport(missing_rows=found.missing, dropped=drop_missing and bool(found.missing))
+        for path in found.extra:
+            path.unlink(missing_ok=True)
+            if path.name.endswith(TMP_SUFFIX):
+                report.temp_files += 1
+            else:
+                report.orphan_images += 1
+        if report.dropped:
+            with self._writing(), self._conn:
+                self._conn.executemany("DELETE FROM samples WHERE key = ?", [(k,) for k in found.missing])
         return report
 
     def verify(self) -> list[str]:
         """Keys whose image file is missing or whose bytes do not match their hash (reads every image)."""
         bad = []
-        for key, sha in self._conn.execute("SELECT key, image_sha256 FROM samples"):
-            path = self.image_path(sha)
+        for key, sha in self._rows("SELECT key, image_sha256 FROM samples"):
+            path = self.image_path(self._checked_sha(key, sha))
             if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
                 bad.append(key)
         return bad
 
     # -- export ---------------------------------------------------------------------------------------------
 
-    def export_rows(self) -> Iterator[dict[str, Any]]:
-        """One dict per sample: top-level fields plus nested ``guidance``, ``provenance``, ``records``."""
-        for s in self.samples():
-            yield {"key": s.key, "prompt": s.prompt, "seed": s.seed, "image_path": str(s.image_path),
-                   "image_sha256": s.image_sha256, "width": s.width, "height": s.height, "truncated": s.truncated,
-                   "created": s.created, "prompt_meta": s.prompt_meta, "guidance": s.guidance,
-                   "provenance": s.provenance, "records": s.records}
+    def verdicts(self) -> dict[str, list[dict[str, Any]]]:
+        """Rows of the ``verdicts`` table by sample key (every column but ``key``); empty when there is none."""
+        tables = {name for (name,) in self._rows("SELECT name FROM sqlite_master WHERE type='table'")}
+        if VERDICTS_TABLE not in tables:
+            return {}
+        try:
+            cursor = self._conn.execute(f"SELECT * FROM {VERDICTS_TABLE}")
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        except sqlite3.DatabaseError as err:
+            raise self._broken(f"table '{VERDICTS_TABLE}': {err}") from None
+        if "key" not in names:
+            raise self._broken(f"table '{VERDICTS_TABLE}' has no 'key' column")
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            record = dict(zip(names, row, strict=True))
+            out.setdefault(record.pop("key"), []).append(record)
+        return out
 
-    def export_jsonl(self, path: str | Path) -> int:
+    def export_rows(self, extra: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+        """One dict per sample: top-level fields plus nested ``guidance``, ``provenance``, ``records``,
+        ``image_missing``, the sample's ``verdicts`` when the run has a verdicts table, and ``extra[key]``
+        (per-image results joined by the caller)."""
+        verdicts = self.verdicts()
+        for s in self.samples():
+            row = {"key": s.key, "prompt": s.prompt, "seed": s.seed, "image_path": str(s.image_path),
+                   "image_sha256": s.image_sha256, "image_missing": not s.image_path.is_file(), "width": s.width,
+                   "height": s.height, "truncated": s.truncated, "created": s.created, "prompt_meta": s.prompt_meta,
+                   "guidance": s.guidance, "provenance": s.provenance, "records": s.records}
+            if verdicts:
+                row["verdicts"] = verdicts.get(s.key, [])
+            if extra:
+                row.update(extra.get(s.key, {}))
+            yield row
+
+    def export_jsonl(self, path: str | Path, extra: Mapping[str, Mapping[str, Any]] | None = None) -> int:
         """Write one JSON object per sample (nested as in ``export_rows``); returns the row count."""
         n = 0
         with _atomic_write(Path(path)) as f:
-            for row in self.export_rows():
+            for row in self.export_rows(extra):
                 f.write(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n")
                 n += 1
         return n
 
-    def export_parquet(self, path: str | Path) -> int:
+    def export_parquet(self, path: str | Path, extra: Mapping[str, Mapping[str, Any]] | None = None) -> int:
         """Write a Parquet table with nested dicts flattened to dotted columns (``provenance.model.id``);
         lists and values whose type varies between rows are stored as JSON text."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [flatten(r) for r in self.export_rows()]
+        rows = [flatten(r) for r in self.export_rows(extra)]
         columns = sorted({k for r in rows for k in r}, key=_column_order)
         data = {c: _column([r.get(c) for r in rows]) for c in columns}
         table = pa.table(data) if rows else pa.table({c: pa.array([], pa.string()) for c in ["key"]})
@@ -430,7 +640,12 @@ class RunStore:
         return len(rows)
 
 
-_FIRST = ["key", "prompt", "seed", "image_path", "image_sha256", "width", "height", "truncated", "created"]
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+_FIRST = ["key", "prompt", "seed", "image_path", "image_sha256", "image_missing", "width", "height", "truncated",
+          "created"]
 
 
 def _column_order(name: str) -> tuple[int, str]:

@@ -125,6 +125,8 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<model>-<hash>)."),
         new: bool = typer.Option(False, "--new", help="Move an existing run at --out aside and start afresh."),
         extend: bool = typer.Option(False, "--extend", help="Add new prompts/seeds to an existing run."),
+        repair: bool = typer.Option(False, "--repair", help="Drop the rows of an existing run whose image file is "
+                                    "missing, so they are generated again (without it they are reported and kept)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         spec_file: Path | None = typer.Option(None, "--spec", help="Read model, prompts, seeds, sampler and "
                                               "guidance from a YAML file instead of the flags."),
@@ -159,7 +161,7 @@ def register(app: typer.Typer) -> None:
         run_dir = out or default_out(spec)
         try:
             result = generate(spec, run_dir, prompts=items, batch_size=batch_size, max_model_batch=max_model_batch,
-                              new=new, extend=extend,
+                              new=new, extend=extend, repair=repair,
                               console=console, progress=not quiet)
         except KeyboardInterrupt:
             console.print(f"interrupted: finished images are kept in {run_dir}; run the same command to resume",

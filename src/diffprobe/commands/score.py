@@ -23,9 +23,9 @@ EMBEDDER_HELP = (
 
 
 def _default_out(path: Path, metric: str) -> Path:
-    from ..metrics.images import _run_samples
+    from ..metrics.images import run_samples
 
-    if _run_samples(path) is not None:
+    if run_samples(path) is not None:
         return path / "scores" / f"{metric}.json"
     return Path.cwd() / f"{path.resolve().name}_{metric}.json"
 

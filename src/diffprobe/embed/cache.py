@@ -26,47 +26,85 @@ def default_cache_dir() -> Path:
 
 
 class FeatureCache:
-    """Persistent map (image sha256, embedder id) -> float32 vector. ``computed`` counts cache misses."""
+    """Persistent map (image sha256, embedder id) -> float32 vector. ``computed`` counts cache misses.
 
-    def __init__(self, path: str | Path):
+    ``read_only=True`` opens an existing cache without changing it (``put`` is then refused)."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS features (sha256 TEXT NOT NULL, embedder TEXT NOT NULL, dim INTEGER NOT NULL,"
-            " vector BLOB NOT NULL, PRIMARY KEY (sha256, embedder))"
-        )
-        self._db.commit()
+        self.read_only = read_only
         self.computed = 0
+        try:
+            if read_only:
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+                self._db.execute("SELECT 1 FROM features LIMIT 1").fetchall()
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS features (sha256 TEXT NOT NULL, embedder TEXT NOT NULL, "
+                "dim INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (sha256, embedder))"
+            )
+            self._db.commit()
+        except (OSError, sqlite3.Error) as err:  # read-only storage, a file in the way, not a database
+            raise self._error(err) from None
+
+    def _error(self, err: Exception) -> InputError:
+        reason = getattr(err, "strerror", None) or str(err)
+        return InputError(
+            f"cannot use the feature cache {self.path} ({reason}); pass --no-cache, or --cache-dir DIR for a "
+            "writable folder"
+        )
 
     @classmethod
     def for_location(cls, run_dir: Path | None = None, cache_dir: Path | None = None) -> FeatureCache:
         if run_dir is not None:
             return cls(Path(run_dir) / CACHE_FILE)
-        return cls(Path(cache_dir or default_cache_dir()) / CACHE_FILE)
+        folder = Path(cache_dir or default_cache_dir()).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"the feature cache folder {folder} is a file; give --cache-dir a folder")
+        return cls(folder / CACHE_FILE)
 
     def get(self, shas: Sequence[str], embedder_id: str) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         unique = list(dict.fromkeys(shas))
-        for start in range(0, len(unique), 900):  # SQLite caps bound parameters
-            chunk = unique[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT sha256, dim, vector FROM features WHERE embedder = ? AND sha256 IN ({marks})",
-                [embedder_id, *chunk],
-            )
-            for sha, dim, blob in rows:
-                found[sha] = np.frombuffer(blob, dtype=np.float32, count=dim)
+        try:
+            for start in range(0, len(unique), 900):  # SQLite caps bound parameters
+                chunk = unique[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT sha256, dim, vector FROM features WHERE embedder = ? AND sha256 IN ({marks})",
+                    [embedder_id, *chunk],
+                )
+                for sha, dim, blob in rows:
+                    found[sha] = np.frombuffer(blob, dtype=np.float32, count=dim)
+        except (sqlite3.Error, TypeError, ValueError) as err:  # unreadable storage, a damaged cache row
+            raise self._error(err) from None
         return found
 
+    def embedders(self) -> dict[str, list[str]]:
+        """Image sha256 -> ids of the embedders whose features are cached for it."""
+        out: dict[str, list[str]] = {}
+        try:
+            for sha, embedder_id in self._db.execute("SELECT sha256, embedder FROM features ORDER BY embedder"):
+                out.setdefault(sha, []).append(embedder_id)
+        except sqlite3.Error as err:
+            raise self._error(err) from None
+        return out
+
     def put(self, shas: Sequence[str], embedder_id: str, vectors: np.ndarray) -> None:
+        if self.read_only:
+            raise RuntimeError(f"the feature cache {self.path} was opened read-only")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self._db.executemany(
-            "INSERT OR REPLACE INTO features (sha256, embedder, dim, vector) VALUES (?, ?, ?, ?)",
-            [(sha, embedder_id, vectors.shape[1], vectors[i].tobytes()) for i, sha in enumerate(shas)],
-        )
-        self._db.commit()
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO features (sha256, embedder, dim, vector) VALUES (?, ?, ?, ?)",
+                [(sha, embedder_id, vectors.shape[1], vectors[i].tobytes()) for i, sha in enumerate(shas)],
+            )
+            self._db.commit()
+        except sqlite3.Error as err:  # disk full, read-only storage
+            raise self._error(err) from None
 
     def close(self) -> None:
         self._db.close()

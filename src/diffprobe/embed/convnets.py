@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelNotFoundError
+from ..errors import InputError, ModelNotFoundError
 from .base import IMAGENET_MEAN, IMAGENET_STD, Embedder, Preprocess, check_weights_file, default_device, file_sha256
 
 # ---------------------------------------------------------------- ResNet-50 (torchvision names)
@@ -227,9 +227,14 @@ class _FileEmbedder(Embedder):
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # any unpickling failure means the file is not a plain tensor checkpoint
-            raise ModelNotFoundError(f"cannot load {path} as a weights-only torch checkpoint: {err}") from err
+            raise InputError(f"cannot load {path} as a weights-only torch checkpoint "
+                             f"({type(err).__name__}: {err})") from err
         self.net = self._build()
-        _load_strict(self.net, self._state(raw), self.what, path)
+        try:
+            _load_strict(self.net, self._state(raw), self.what, path)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as err:  # not a dict of matching tensors
+            raise InputError(f"{path} does not hold {self.what} weights ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]})") from err
         self.device = torch.device(device) if device else default_device()
         self.net.eval().to(self.device)
         self.batch_size = batch_size

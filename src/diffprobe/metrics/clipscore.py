@@ -12,6 +12,13 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _relative(path, root) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def clip_scores(image_features: np.ndarray, text_features: np.ndarray, scale: float = 100.0) -> np.ndarray:
     """Row-wise score of image i against text i: ``scale * max(cos, 0)``."""
     if image_features.shape != text_features.shape:
@@ -89,6 +96,12 @@ def score_clip(
         "truncated_prompts": truncated,
         "per_prompt": [
             {"prompt_id": g, "prompt": texts[g], "n_images": len(groups[g]), "clip_score": per_prompt[g]} for g in names
+        ],
+        # one row per image; ``key`` is the run's sample key (None for folders), which ``diffprobe export`` joins on
+        "per_image": [
+            {"key": item.key, "file": _relative(item.path, images.root), "prompt_id": item.group, "seed": item.seed,
+             "score": float(value)}
+            for item, value in zip(images.items, per_image, strict=True)
         ],
         "warnings": warnings,
         "provenance": provenance(),

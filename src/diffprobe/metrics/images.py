@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from ..embed import Embedder, FeatureCache, embed_files
 from ..embed.cache import CACHE_FILE
 from ..errors import InputError
+from ..store import Sample, is_run_dir, open_run
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Files that live beside images on purpose and are never counted as skipped.
@@ -32,6 +34,7 @@ class ImageItem:
     prompt: str | None = None  # prompt text, when known
     seed: int | None = None
     sha256: str | None = None
+    key: str | None = None  # the sample key, for images of a run
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> count
     run_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. a run's missing or extra files
 
     def groups(self) -> dict[str, list[int]]:
         """Prompt id -> indices into ``items``, in first-seen order."""
@@ -59,13 +63,16 @@ class ImageSet:
         return {item.group: item.prompt for item in self.items if item.group is not None}
 
     def summary(self) -> dict:
-        return {
+        out = {
             "path": str(self.root),
             "source": self.source,
             "n_images": len(self.items),
             "skipped": {"count": len(self.skipped), "examples": [f"{p}: {r}" for p, r in self.skipped[:5]]},
             "image_sizes": self.sizes,
         }
+        if self.notes:
+            out["notes"] = self.notes
+        return out
 
     def features(
         self,
@@ -77,13 +84,27 @@ class ImageSet:
         if cache is True:
             cache = FeatureCache.for_location(run_dir=self.run_dir)
         shas = [it.sha256 for it in self.items]
-        return embed_files(
+        feats = embed_files(
             embedder,
             [it.path for it in self.items],
             cache=cache or None,
             shas=shas if all(shas) else None,
             progress=progress,
         )
+        check_features(feats, f"features of {self.root} ({embedder.name})")
+        return feats
+
+
+def check_features(feats: np.ndarray, what: str, chunk: int = 65536) -> None:
+    """Refuse feature arrays that are not real numbers, or that hold NaN or infinity (metrics would silently
+    turn them into plausible-looking scores). Reads a memory-mapped array chunk by chunk."""
+    if feats.dtype.kind not in "fiu":
+        raise InputError(f"{what} must be a numeric (float or integer) array, got dtype {feats.dtype}")
+    for start in range(0, len(feats), chunk):
+        finite = np.isfinite(feats[start : start + chunk])
+        if not finite.all():
+            row = start + int(np.argwhere(~finite)[0][0])
+            raise InputError(f"{what}: NaN or infinite values (first in row {row}); features must be finite")
 
 
 def _check_image(path: Path) -> tuple[str | None, str | None]:
@@ -97,17 +118,13 @@ def _check_image(path: Path) -> tuple[str | None, str | None]:
         return f"unreadable image ({type(err).__name__}: {err})", None
 
 
-def _run_samples(path: Path):
-    """Samples of a run directory via the run store, or None when ``path`` is not a run."""
-    try:
-        from .. import store
-    except ImportError:
-        if (path / "run.sqlite").exists():
-            raise InputError(f"{path} looks like a run directory but diffprobe.store is unavailable") from None
+def run_samples(path: str | Path) -> list[Sample] | None:
+    """The samples of the run directory at ``path``, or None when ``path`` is not a run. The run is opened
+    read-only and closed again; nothing in it changes."""
+    if not is_run_dir(path):
         return None
-    if not store.is_run_dir(path):
-        return None
-    return store.open_run(path).samples()
+    with open_run(path) as run:
+        return run.samples()
 
 
 def _from_run(path: Path, samples, guidance: str | None) -> list[ImageItem]:
@@ -122,7 +139,7 @@ def _from_run(path: Path, samples, guidance: str | None) -> list[ImageItem]:
             f"{path} holds {len(variants)} guidance variants ({', '.join(names)}); pick one with --guidance NAME"
         )
     return [
-        ImageItem(Path(s.image_path), group=s.prompt, prompt=s.prompt, seed=s.seed, sha256=s.image_sha256)
+        ImageItem(Path(s.image_path), group=s.prompt, prompt=s.prompt, seed=s.seed, sha256=s.image_sha256, key=s.key)
         for s in samples
     ]
 
@@ -139,15 +156,37 @@ def _read_manifest(root: Path, manifest: Path) -> list[ImageItem]:
     else:
         with open(manifest, newline="") as fh:
             rows = list(csv.DictReader(fh))
-    items = []
-    for n, row in enumerate(rows, 1):
-        if "file" not in row or "prompt" not in row:
-            raise InputError(f"{manifest}: row {n} lacks the 'file' and 'prompt' columns")
-        prompt = str(row["prompt"])
-        group = str(row.get("prompt_id") or prompt)
-        seed = row.get("seed")
-        items.append(ImageItem(root / row["file"], group=group, prompt=prompt, seed=int(seed) if seed else None))
-    return items
+    return [_manifest_item(root, manifest, n, row) for n, row in enumerate(rows, 1)]
+
+
+def _manifest_item(root: Path, manifest: Path, n: int, row: object) -> ImageItem:
+    """One manifest row: ``file`` (a path inside the folder) and ``prompt`` (text), optional ``prompt_id``
+    (text or integer) and ``seed`` (integer)."""
+    where = f"{manifest}: row {n}"
+    if not isinstance(row, dict):
+        raise InputError(f"{where} is not an object with 'file' and 'prompt' fields (got {type(row).__name__})")
+    if "file" not in row or "prompt" not in row:
+        raise InputError(f"{where} lacks the 'file' and 'prompt' columns")
+    file, prompt, prompt_id, seed = row["file"], row["prompt"], row.get("prompt_id"), row.get("seed")
+    if not isinstance(file, str) or not file.strip():
+        raise InputError(f"{where}: 'file' must be a path (text), got {file!r}")
+    relative = os.path.normpath(file)
+    if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
+        raise InputError(f"{where}: 'file' {file!r} points outside {root}; manifest files must be inside its folder")
+    if not isinstance(prompt, str):
+        raise InputError(f"{where}: 'prompt' must be text, got {prompt!r}")
+    if prompt_id is not None and (isinstance(prompt_id, bool) or not isinstance(prompt_id, str | int)):
+        raise InputError(f"{where}: 'prompt_id' must be text or an integer, got {prompt_id!r}")
+    if isinstance(seed, str):  # csv cells are text; an empty cell means no seed
+        text = seed.strip()
+        if not text:
+            seed = None
+        elif text.isascii() and text.lstrip("-").isdigit():
+            seed = int(text)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InputError(f"{where}: 'seed' must be an integer, got {row['seed']!r}")
+    group = str(prompt_id if prompt_id not in (None, "") else prompt)
+    return ImageItem(root / relative, group=group, prompt=prompt, seed=seed)
 
 
 def _classify(files: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -178,9 +217,15 @@ def load_image_set(
         raise InputError(f"{root} is not a directory; give a run directory or a folder of images")
 
     run_dir = None
-    samples = _run_samples(root)
     skipped: list[tuple[str, str]] = []
-    if samples is not None:
+    notes: list[str] = []
+    if guidance is not None and not is_run_dir(root):
+        raise InputError(f"--guidance applies to run directories; {root} is a folder of images (no run.sqlite)")
+    if is_run_dir(root):
+        with open_run(root) as run:  # read-only: a reader reports what is missing or extra, and changes nothing
+            samples, check = run.samples(), run.check()
+        if check:
+            notes.append(check.note())
         items, source, run_dir = _from_run(root, samples, guidance), "run", root
     elif not flat and ((root / "manifest.jsonl").is_file() or (root / "manifest.csv").is_file()):
         manifest = root / "manifest.jsonl" if (root / "manifest.jsonl").is_file() else root / "manifest.csv"
@@ -217,7 +262,7 @@ def load_image_set(
         raise InputError(f"{len(skipped)} bad file(s) under {root}, e.g. {p}: {r} (drop --strict to skip them)")
     if not kept:
         raise InputError(f"no readable images under {root}" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    return ImageSet(root=root, source=source, items=kept, skipped=skipped, sizes=sizes, run_dir=run_dir)
+    return ImageSet(root=root, source=source, items=kept, skipped=skipped, sizes=sizes, run_dir=run_dir, notes=notes)
 
 
 def load_features(
@@ -235,9 +280,17 @@ def load_features(
     if path.suffix == ".npy":
         if not path.is_file():
             raise InputError(f"{path} does not exist")
-        feats = np.load(path, mmap_mode="r")
+        if guidance is not None:
+            raise InputError(f"--guidance applies to run directories; {path} is a feature file")
+        try:
+            feats = np.load(path, mmap_mode="r")  # never unpickles: object arrays cannot be memory-mapped
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(f"{path} is not a numeric .npy feature array ({err})") from None
+        if not isinstance(feats, np.ndarray):  # an .npz archive
+            raise InputError(f"{path} is not a single .npy array (save it with numpy.save)")
         if feats.ndim != 2 or len(feats) == 0:
             raise InputError(f"{path} must hold a non-empty 2-D feature array, got shape {feats.shape}")
+        check_features(feats, str(path))
         return feats, {"path": str(path), "source": "npy", "n_images": int(len(feats)), "dim": int(feats.shape[1])}
     if embedder is None:
         raise InputError(f"{path} is an image folder; an embedder is needed")
