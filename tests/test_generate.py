@@ -214,15 +214,18 @@ def test_sigkill_loses_nothing_and_resume_completes(tiny_sd, tiny_sd_path, tmp_p
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
 
-    with open_run(run) as store:  # opening cleans up what the kill left behind
+    with open_run(run) as store:
         kept = len(store)
         assert 2 <= kept < 6
         assert store.verify() == []  # every row has its complete file
-    assert not list(run.glob("images/*/*.tmp"))
-    assert len(list(run.glob("images/*/*.png"))) == kept  # no file without a row
+        assert store.check().missing == []
 
     resumed = generate(make_spec(tiny_sd_path, prompts, seeds), run, batch_size=1, progress=False)
     assert (resumed.generated, resumed.skipped) == (6 - kept, kept)
+    assert resumed.repair.missing_rows == []
+    # the writer cleaned up what the kill left behind
+    assert not list(run.glob("images/*/*.tmp"))
+    assert len(list(run.glob("images/*/*.png"))) == 6  # no file without a row
     clean = generate(make_spec(tiny_sd_path, prompts, seeds), tmp_path / "clean", batch_size=1, adapter=tiny_sd,
                      progress=False)
     assert clean.generated == 6
@@ -281,4 +284,4 @@ def test_ctrl_c_keeps_finished_images(tiny_sd_path, tmp_path):
     assert proc.returncode == 130, err
     assert "run the same command to resume" in err
     with open_run(run) as store:
-        assert 2 <= len(store) < 8 and store.verify() == [] and not store.repair_report
+        assert 2 <= len(store) < 8 and store.verify() == [] and not store.check()

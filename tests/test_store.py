@@ -66,7 +66,7 @@ def test_identical_images_share_one_file(tmp_path, spec):
     assert len(list((tmp_path / "run" / "images").glob("*/*.png"))) == 1
 
 
-def test_open_repairs_crash_leftovers(tmp_path, spec):
+def test_readers_report_and_writers_repair(tmp_path, spec):
     run = tmp_path / "run"
     with create_run(run, spec) as store:
         store.add([item("k0", 0, 10), item("k1", 1, 20), item("k2", 2, 30)])
@@ -79,14 +79,21 @@ def test_open_repairs_crash_leftovers(tmp_path, spec):
     orphan = run / "images" / "cd" / ("cd" + "0" * 62 + ".png")
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"png without row")
-    with open_run(run) as store:
-        report = store.repair_report
-        assert report.temp_files == 1 and report.orphan_images == 1 and report.missing_rows == ["k1"]
-        assert store.keys() == {"k0", "k2"}
-        assert all(s.image_path.is_file() for s in store.samples())
+    with open_run(run) as reader:  # a reader reports and changes nothing
+        check = reader.check()
+        assert check.missing == ["k1"] and sorted(check.extra) == sorted([tmp.resolve(), orphan.resolve()])
+        assert str(check) == "1 image file(s) missing, 2 extra file(s)" and "--repair" in check.note()
+        assert reader.keys() == {"k0", "k1", "k2"}
+    assert tmp.exists() and orphan.exists()
+    with open_run(run, write=True) as writer:  # the writer removes leftovers and keeps the row, saying so
+        report = writer.repair()
+        assert (report.temp_files, report.orphan_images, report.missing_rows, report.dropped) == (1, 1, ["k1"], False)
+        assert "kept 1 row(s) whose image file is missing" in str(report)
+        assert writer.keys() == {"k0", "k1", "k2"}
+        dropped = writer.repair(drop_missing=True)
+        assert dropped.dropped and "dropped 1 row(s)" in str(dropped) and writer.keys() == {"k0", "k2"}
+        assert not writer.repair()
     assert not tmp.exists() and not orphan.exists()
-    with open_run(run) as store:
-        assert not store.repair_report
 
 
 def test_one_writer_and_readers_do_not_clean_up_under_it(tmp_path, spec):
@@ -100,13 +107,15 @@ def test_one_writer_and_readers_do_not_clean_up_under_it(tmp_path, spec):
     with pytest.raises(InputError, match="another process is writing"):
         open_run(run, write=True)
     with open_run(run) as reader:
-        assert not reader.repair_report and reader.keys() == {"k0"}
+        assert reader.keys() == {"k0"} and reader.check().extra == [pending.resolve()]
         with pytest.raises(RuntimeError, match="read-only"):
             reader.add([item("k1", 1, 20)])
+        with pytest.raises(RuntimeError, match="read-only"):
+            reader.repair()
     assert pending.exists()
     writer.close()
     with open_run(run, write=True) as store:
-        assert store.repair_report.orphan_images == 1
+        assert store.repair().orphan_images == 1
     assert not pending.exists()
 
 
@@ -197,7 +206,8 @@ def test_files_are_complete_before_rows(tmp_path, spec, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     assert len(store) == 0
     store.close()
-    with open_run(run) as reopened:
+    with open_run(run, write=True) as reopened:
         assert len(reopened) == 0
-        assert reopened.repair_report.temp_files == 1 and reopened.repair_report.orphan_images == 1
+        report = reopened.repair()
+        assert report.temp_files == 1 and report.orphan_images == 1
     assert list((run / "images").glob("*/*")) == []
