@@ -23,6 +23,7 @@ import torch
 from scipy.special import gammaln, lambertw, logsumexp
 
 from ..errors import InputError
+from .images import check_features
 
 # ---------------------------------------------------------------- retrieval
 
@@ -56,6 +57,7 @@ def nearest_neighbors(
         raise InputError(f"unknown retrieval metric '{metric}' (euclidean or cosine)")
     if backend not in ("torch", "faiss"):
         raise InputError(f"unknown retrieval backend '{backend}' (torch or faiss)")
+    check_features(queries, "query features")  # train features are checked chunk by chunk as they are read
     if backend == "faiss":
         return _faiss_nn(train, queries, metric, train_chunk)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,6 +68,7 @@ def nearest_neighbors(
     best = torch.full((n,), float("inf"))
     best_idx = torch.zeros(n, dtype=torch.int64)
     for t0 in range(0, len(train), train_chunk):
+        check_features(train[t0 : t0 + train_chunk], f"train features (rows from {t0})")
         t = torch.from_numpy(np.array(train[t0 : t0 + train_chunk], dtype=np.float32)).to(
             dev
         )  # copy: memmaps are read-only
@@ -94,6 +97,7 @@ def _faiss_nn(train: np.ndarray, queries: np.ndarray, metric: str, chunk: int) -
     dim = train.shape[1]
     index = faiss.IndexFlatL2(dim) if metric == "euclidean" else faiss.IndexFlatIP(dim)
     for t0 in range(0, len(train), chunk):
+        check_features(train[t0 : t0 + chunk], f"train features (rows from {t0})")
         block = np.ascontiguousarray(train[t0 : t0 + chunk], dtype=np.float32)
         if metric == "cosine":
             faiss.normalize_L2(block)
