@@ -96,6 +96,7 @@ def test_score_and_export_leave_missing_and_extra_files_alone(tmp_path, spec, ca
 def test_run_on_read_only_storage_reads_as_it_is(tmp_path, spec):
     """A bind mount made read-only in a private mount namespace: SQLite cannot create the -shm file there."""
     run = make_run(tmp_path / "run", spec)
+    score_scs(run, MeanColor(), sensitivity=False)  # a feature cache in the run, also WAL
     out = tmp_path / "out"
     out.mkdir()
     before = files(run)
@@ -104,7 +105,8 @@ def test_run_on_read_only_storage_reads_as_it_is(tmp_path, spec):
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "5 samples" in proc.stdout
-    assert len((out / "s.jsonl").read_text().splitlines()) == 5
+    exported = [json.loads(line) for line in (out / "s.jsonl").read_text().splitlines()]
+    assert len(exported) == 5 and all(r["features"] == [MeanColor().id] for r in exported)
     assert files(run) == before
 
 

@@ -228,6 +228,33 @@ def check_new_run_dir(path: str | Path, *, new: bool = False) -> None:
                                    "it aside and start a fresh run there")
 
 
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot change the database at ``path``, also on read-only storage.
+
+    Raises ``sqlite3.DatabaseError`` for a file that is not an SQLite database, ``OSError`` for an unreadable one."""
+    uri = Path(path).resolve().as_uri()
+    with open(path, "rb"):  # unreadable files fail here with the reason, not as SQLite's "unable to open"
+        pass
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    except BaseException:
+        conn.close()
+        raise
+    # A WAL database on read-only storage whose -shm file is absent (its last writer closed cleanly, so the
+    # database file holds every row): SQLite cannot create the -shm there, so read the file as an immutable one.
+    conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _take_lock(root: Path) -> io.BufferedWriter | None:
     """The writer lock of ``root`` (None where flock is unavailable); a second writer is refused."""
     if fcntl is None:
@@ -306,25 +333,12 @@ class RunStore:
         return conn
 
     def _connect_read_only(self) -> sqlite3.Connection:
-        uri = self.db_path.as_uri()
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30, check_same_thread=False)
         try:
-            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-            return conn
-        except sqlite3.OperationalError:
-            conn.close()
+            return connect_read_only(self.db_path)
         except sqlite3.DatabaseError as err:
-            conn.close()
             raise self._broken(str(err)) from None
-        # A WAL database on read-only storage whose -shm file is absent (its last writer closed cleanly, so the
-        # database file holds every row): SQLite cannot create the -shm, so read the file as an immutable one.
-        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
-        try:
-            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        except sqlite3.DatabaseError as err:
-            conn.close()
-            raise InputError(f"cannot read {self.db_path} ({err})") from None
-        return conn
+        except OSError as err:
+            raise InputError(f"cannot read {self.db_path} ({_reason(err)})") from None
 
     def _broken(self, reason: str) -> InputError:
         return InputError(f"{self.db_path} is not a diffprobe run database ({reason})")

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..store import connect_read_only
 from .base import Embedder, file_sha256
 
 CACHE_FILE = "features.sqlite"
@@ -36,7 +37,7 @@ class FeatureCache:
         self.computed = 0
         try:
             if read_only:
-                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+                self._db = connect_read_only(self.path)
                 self._db.execute("SELECT 1 FROM features LIMIT 1").fetchall()
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,16 +81,19 @@ class ImageSet:
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Features of all items (cached in the run directory, or in the user cache for folders)."""
-        if cache is True:
-            cache = FeatureCache.for_location(run_dir=self.run_dir)
+        opened = FeatureCache.for_location(run_dir=self.run_dir) if cache is True else None
         shas = [it.sha256 for it in self.items]
-        feats = embed_files(
-            embedder,
-            [it.path for it in self.items],
-            cache=cache or None,
-            shas=shas if all(shas) else None,
-            progress=progress,
-        )
+        try:
+            feats = embed_files(
+                embedder,
+                [it.path for it in self.items],
+                cache=opened or cache or None,
+                shas=shas if all(shas) else None,
+                progress=progress,
+            )
+        finally:
+            if opened is not None:  # a cache this call opened is closed again; a caller's stays open
+                opened.close()
         check_features(feats, f"features of {self.root} ({embedder.name})")
         return feats
 
