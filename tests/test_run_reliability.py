@@ -250,3 +250,27 @@ def test_image_features_must_be_finite(tmp_path, spec):
     with pytest.raises(InputError, match="NaN or infinite"):
         score_scs(run, Broken(), cache=False, sensitivity=False)
     assert rows(run) == 5
+
+
+def test_score_clip_keeps_per_image_scores_and_export_joins_them(tmp_path, spec, capsys, monkeypatch):
+    from test_clipscore import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "tiny-clip")
+    run = make_run(tmp_path / "run", spec)
+    code, _, err = cli(["score", "clip", run, "--model", clip, "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads((run / "scores" / "clip.json").read_text())
+    per_image = {row["key"]: row for row in result["per_image"]}
+    assert set(per_image) == {"k0", "k1", "k2", "d0", "d1"}
+    assert per_image["d1"]["seed"] == 1 and per_image["d1"]["prompt_id"] == "a dog"
+    assert per_image["k0"]["file"].startswith("images/")
+    for row in result["per_prompt"]:  # the per-prompt value is the mean of its images' scores
+        mine = [r["score"] for r in result["per_image"] if r["prompt_id"] == row["prompt_id"]]
+        assert row["clip_score"] == pytest.approx(sum(mine) / len(mine))
+
+    code, _, err = cli(["export", run, "--out", tmp_path / "s.jsonl"], capsys, monkeypatch)
+    assert code == 0, err
+    exported = {r["key"]: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    assert {k: r["scores"]["clip"] for k, r in exported.items()} == pytest.approx(
+        {k: row["score"] for k, row in per_image.items()})
+    assert all(len(r["features"]) == 1 for r in exported.values())  # the CLIP features score clip cached
