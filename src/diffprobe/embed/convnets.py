@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelNotFoundError
-from .base import IMAGENET_MEAN, IMAGENET_STD, Embedder, Preprocess, check_weights_file, default_device, file_sha256
+from ..models.loading import choose_device
+from .base import IMAGENET_MEAN, IMAGENET_STD, Embedder, Preprocess, check_weights_file, file_sha256
 
 # ---------------------------------------------------------------- ResNet-50 (torchvision names)
 
@@ -230,7 +231,7 @@ class _FileEmbedder(Embedder):
             raise ModelNotFoundError(f"cannot load {path} as a weights-only torch checkpoint: {err}") from err
         self.net = self._build()
         _load_strict(self.net, self._state(raw), self.what, path)
-        self.device = torch.device(device) if device else default_device()
+        self.device = choose_device(device)
         self.net.eval().to(self.device)
         self.batch_size = batch_size
         self.weights = f"sha256:{file_sha256(path)[:16]}"
