@@ -102,7 +102,10 @@ def local_folder(name_or_path: str) -> Path | None:
     except RuntimeError:  # "~user/..." for a user this machine does not know
         raise ModelNotFoundError(f"model {name_or_path!r} not found: cannot expand the home folder in it "
                                  "(no such user); give the folder's full path") from None
-    return path if path.exists() else None
+    try:
+        return path if path.exists() else None
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte, no permission
+        raise ModelNotFoundError(f"model {name_or_path!r} not found: cannot look at that path ({err})") from None
 
 
 def resolve_model(name_or_path: str) -> tuple[Path, dict[str, Any]]:
