@@ -16,6 +16,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def options(
+    verbose: bool = typer.Option(False, "--verbose", help="Also show what diffusers and transformers print "
+                                 "(their logs, warnings and loading progress bars)."),
+) -> None:
+    """Measure and steer text-to-image diffusion models."""
+    from .models.libraries import set_verbose
+
+    set_verbose(verbose)
+
+
 # Modules under diffprobe.commands that define ``register(app)``; missing ones are skipped.
 COMMAND_MODULES = ["generate", "export", "doctor", "score", "compare", "seeds", "report", "audit"]
 

@@ -31,11 +31,11 @@ from rich.text import Text
 
 from .errors import InputError, StorageError
 from .guidance import Guider, make_guider
+from .models.base import ModelAdapter
 from .prompts import Prompt
 from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 
-DEFAULT_STEPS = 50
 SUITE_CONCEPTS = "suite"  # guidance param extractor="suite": concepts from each prompt's suite metadata
 
 
@@ -57,14 +57,14 @@ class SuiteConcepts:
         return list(self.table[prompt])
 
 
-def make_run_guider(spec: RunSpec, metas: dict[str, dict[str, Any]], default_scale: float | None = None) -> Guider:
+def make_run_guider(spec: RunSpec, metas: dict[str, dict[str, Any]],
+                    defaults: dict[str, Any] | None = None) -> Guider:
     """The guider ``spec`` names; ``extractor="suite"`` becomes a lookup in the prompts' metadata.
 
-    ``default_scale`` (the model's recommended guidance scale) applies when the spec sets no scale.
+    ``defaults`` (the model's recommended parameters, ``adapter.guidance_defaults()``) apply where the spec sets
+    none.
     """
-    params = dict(spec.guidance.params)
-    if default_scale is not None:
-        params.setdefault("scale", default_scale)
+    params = {**(defaults or {}), **spec.guidance.params}
     if params.get("extractor") == SUITE_CONCEPTS:
         lookup = SuiteConcepts(metas)
         if missing := [p for p in spec.prompts if p not in lookup.table]:
@@ -96,14 +96,14 @@ class GenerateResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolved_config(adapter: Any, spec: RunSpec, guider: Guider) -> dict[str, Any]:
+def resolved_config(adapter: ModelAdapter, spec: RunSpec, guider: Guider) -> dict[str, Any]:
     """What every job key of this run is made of, besides prompt and seed (batch size deliberately absent)."""
     height, width = spec.sampler.height, spec.sampler.width
     default_h, default_w = adapter.default_size
     return {
         "model": adapter.identity(),
         "sampler": {
-            "steps": spec.sampler.steps or int(getattr(adapter, "recommended", {}).get("steps", DEFAULT_STEPS)),
+            "steps": spec.sampler.steps or adapter.default_steps,
             "scheduler": spec.sampler.scheduler or "default",
             "height": height or default_h,
             "width": width or default_w,
@@ -194,7 +194,7 @@ def generate(
     new: bool = False,
     extend: bool = False,
     repair: bool = False,
-    adapter: Any = None,
+    adapter: ModelAdapter | None = None,
     console: Console | None = None,
     progress: bool = True,
 ) -> GenerateResult:
@@ -232,13 +232,12 @@ def generate(
 
             adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
                                  dtype=spec.model.dtype, scheduler=spec.sampler.scheduler)
-        recommended = getattr(adapter, "recommended", {})
-        if "scale" not in spec.guidance.params and recommended.get("guidance_scale") is not None:
-            guider = make_run_guider(spec, metas, float(recommended["guidance_scale"]))
+        defaults = adapter.guidance_defaults()
+        if any(name not in spec.guidance.params for name in defaults):  # the model's recommended parameters
+            guider = make_run_guider(spec, metas, defaults)
         config = resolved_config(adapter, spec, guider)
-        check_size = getattr(adapter, "check_size", None)
-        if check_size is not None:  # fail before any work, not at the first batch
-            check_size(config["sampler"]["height"], config["sampler"]["width"])
+        # fail before any work, not at the first batch
+        adapter.check_size(config["sampler"]["height"], config["sampler"]["width"])
         if store is None:
             store = create_run(out, spec, new=new)
             if store.moved_aside is not None:
@@ -271,15 +270,15 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider, report: RepairRepo
     return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=report)
 
 
-def _run_jobs(store: RunStore, adapter: Any, guider: Guider, spec: RunSpec, config: dict[str, Any],
+def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunSpec, config: dict[str, Any],
               todo: list[Job], batch_size: int, max_model_batch: int | None, result: GenerateResult,
               console: Console, progress: bool) -> None:
     from .sampling import sample
 
     provenance = {
         **config,
-        "family": getattr(adapter, "family", None),
-        "scheduler_class": type(getattr(adapter, "scheduler", None)).__name__,
+        "family": adapter.family,
+        "scheduler_class": type(adapter.scheduler).__name__,
         "device": str(adapter.device),
         "batch_size": batch_size,
         "max_model_batch": max_model_batch,

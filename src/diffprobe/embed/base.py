@@ -87,10 +87,6 @@ def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
-from .base import CLIP_MEAN, CLIP_STD, Embedder, Preprocess, default_device
+from ..models.loading import choose_device
+from .base import CLIP_MEAN, CLIP_STD, Embedder, Preprocess
 
 # Short names for the common OpenAI checkpoints; anything else is passed to from_pretrained as is.
 CLIP_ALIASES = {
@@ -57,7 +58,7 @@ class CLIPEmbedder(Embedder):
                 "CLIPModel.save_pretrained (with tokenizer and image processor), or a hub id with network access; "
                 "offline, use --embedder efficientnet-lite0"
             ) from err
-        self.device = torch.device(device) if device else default_device()
+        self.device = choose_device(device)
         self.dtype = dtype or torch.float32
         self.model.eval().to(self.device, self.dtype)
         self.batch_size = batch_size

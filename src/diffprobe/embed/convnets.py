@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelNotFoundError
-from .base import IMAGENET_MEAN, IMAGENET_STD, Embedder, Preprocess, check_weights_file, default_device, file_sha256
+from ..models.loading import choose_device
+from .base import IMAGENET_MEAN, IMAGENET_STD, Embedder, Preprocess, check_weights_file, file_sha256
 
 # ---------------------------------------------------------------- ResNet-50 (torchvision names)
 
@@ -235,7 +236,7 @@ class _FileEmbedder(Embedder):
         except (AttributeError, TypeError, ValueError, RuntimeError) as err:  # not a dict of matching tensors
             raise InputError(f"{path} does not hold {self.what} weights ({type(err).__name__}: "
                              f"{' '.join(str(err).split())[:200]})") from err
-        self.device = torch.device(device) if device else default_device()
+        self.device = choose_device(device)
         self.net.eval().to(self.device)
         self.batch_size = batch_size
         self.weights = f"sha256:{file_sha256(path)[:16]}"

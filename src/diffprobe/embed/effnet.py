@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelNotFoundError
-from .base import Embedder, Preprocess, default_device, file_sha256
+from ..models.loading import choose_device
+from .base import Embedder, Preprocess, file_sha256
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) for EfficientNet-B0/Lite0
 LITE0_STAGES = [
@@ -123,7 +124,7 @@ class EfficientNetLite0Embedder(Embedder):
         self.net = EfficientNetLite0()
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
-        self.device = torch.device(device) if device else default_device()
+        self.device = choose_device(device)
         self.net.eval().to(self.device)
         self.batch_size = batch_size
         self.weights = f"sha256:{file_sha256(path)[:16]}"

@@ -14,19 +14,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """One attention module of the denoiser and the spatial grid of its queries."""
-
-    name: str  # module path inside the denoiser, e.g. "down_blocks.2.attentions.0.transformer_blocks.0.attn2"
-    kind: Literal["self", "cross"]
-    height: int
-    width: int
+from ..models.base import AttentionLayer  # re-exported: guiders and their users name layers with it
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from scipy.special import gammaln, lambertw, logsumexp
 
 from ..errors import InputError
+from ..models.loading import choose_device
 from .images import check_features
 
 # ---------------------------------------------------------------- retrieval
@@ -60,7 +61,7 @@ def nearest_neighbors(
     check_features(queries, "query features")  # train features are checked chunk by chunk as they are read
     if backend == "faiss":
         return _faiss_nn(train, queries, metric, train_chunk)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = choose_device(device)
     q_all = torch.from_numpy(np.array(queries, dtype=np.float32))
     if metric == "cosine":
         q_all = torch.nn.functional.normalize(q_all, dim=1)

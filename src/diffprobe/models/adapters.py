@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import ResolutionError
-from ..guidance.base import AttentionLayer
-from .base import Conditioning, ModelAdapter
+from .base import AttentionLayer, Conditioning, ModelAdapter, Recommended
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 
 class DiffusersAdapter(ModelAdapter):
@@ -29,7 +32,7 @@ class DiffusersAdapter(ModelAdapter):
         self.model_id = model_id
         self.family = family
         self.weights = weights  # revision or weights hash, from the loader
-        self.recommended: dict[str, Any] = {}  # sampling settings the checkpoint recommends (steps, guidance_scale)
+        self.recommended: Recommended = {}  # set by the loader from the checkpoint's diffprobe.json
         self.scheduler_name = "default"
         self.device = pipe.device
         self.dtype = getattr(pipe, self.denoiser_attr).dtype
@@ -57,9 +60,19 @@ class DiffusersAdapter(ModelAdapter):
                 f"try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}"
             )
 
-    def fresh_scheduler(self):
-        """A new scheduler with the adapter's config: schedulers are stateful, so each batch gets its own."""
+    def fresh_scheduler(self) -> SchedulerMixin:
         return self.scheduler.__class__.from_config(self.scheduler.config)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> Conditioning:
+        """Encode each distinct text once (branch texts repeat: "" in every CFG pair) and index back."""
+        distinct = list(dict.fromkeys(texts))
+        position = {text: i for i, text in enumerate(distinct)}
+        return self.encode_distinct(distinct).take([position[t] for t in texts])
+
+    @abstractmethod
+    def encode_distinct(self, texts: list[str]) -> Conditioning:
+        """The family's text encoding of ``texts`` (all different), one row per text."""
 
     def _tokenize(self, tokenizer, texts: list[str], max_length: int) -> tuple[Any, list[bool], list[list[str]]]:
         ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
@@ -100,20 +113,13 @@ class SDAdapter(DiffusersAdapter):
         self.denoiser_factor = 2 ** (len(self.denoiser.config.block_out_channels) - 1)
         self.token_limit = int(pipe.tokenizer.model_max_length)
 
-    @torch.inference_mode()
-    def encode(self, texts: list[str]) -> Conditioning:
-        unique = list(dict.fromkeys(texts))
+    def encode_distinct(self, texts: list[str]) -> Conditioning:
         tok = self.pipe.tokenizer
-        ids, truncated, tokens = self._tokenize(tok, unique, tok.model_max_length)
+        ids, truncated, tokens = self._tokenize(tok, texts, tok.model_max_length)
         encoder = self.pipe.text_encoder
         mask = ids.attention_mask.to(self.device) if getattr(encoder.config, "use_attention_mask", False) else None
         emb = encoder(ids.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
-        index = [unique.index(t) for t in texts]
-        return Conditioning(
-            {"prompt_embeds": emb[index]},
-            truncated=[truncated[i] for i in index],
-            tokens=[tokens[i] for i in index],
-        )
+        return Conditioning({"prompt_embeds": emb}, truncated=truncated, tokens=tokens)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.denoiser(latents, t, encoder_hidden_states=cond.tensors["prompt_embeds"], return_dict=False)[0]
@@ -132,15 +138,13 @@ class SDXLAdapter(SDAdapter):
         if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; the pipeline decodes it in fp32 too
 
-    @torch.inference_mode()
-    def encode(self, texts: list[str]) -> Conditioning:
-        unique = list(dict.fromkeys(texts))
-        hidden, truncated, tokens, pooled = [], [False] * len(unique), None, None
+    def encode_distinct(self, texts: list[str]) -> Conditioning:
+        hidden, truncated, tokens, pooled = [], [False] * len(texts), None, None
         pairs = [(self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2)]
         for tok, encoder in pairs:
             if tok is None or encoder is None:
                 continue
-            ids, trunc, toks = self._tokenize(tok, unique, tok.model_max_length)
+            ids, trunc, toks = self._tokenize(tok, texts, tok.model_max_length)
             truncated = [a or b for a, b in zip(truncated, trunc, strict=True)]
             tokens = tokens or toks
             out = encoder(ids.input_ids.to(self.device), output_hidden_states=True)
@@ -150,15 +154,10 @@ class SDXLAdapter(SDAdapter):
         emb = torch.cat(hidden, dim=-1).to(self.dtype)
         pooled = pooled.to(self.dtype)
         if self.zeros_for_empty:
-            empty = torch.tensor([t == "" for t in unique], device=emb.device)
+            empty = torch.tensor([t == "" for t in texts], device=emb.device)
             emb = torch.where(empty[:, None, None], torch.zeros_like(emb), emb)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
-        index = [unique.index(t) for t in texts]
-        return Conditioning(
-            {"prompt_embeds": emb[index], "pooled": pooled[index]},
-            truncated=[truncated[i] for i in index],
-            tokens=[tokens[i] for i in index],
-        )
+        return Conditioning({"prompt_embeds": emb, "pooled": pooled}, truncated=truncated, tokens=tokens or [])
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         h, w = (s * self.vae_scale_factor for s in latents.shape[-2:])
@@ -181,19 +180,12 @@ class PixArtAdapter(DiffusersAdapter):
         self.denoiser_factor = int(self.denoiser.config.patch_size)
         self.token_limit = self.max_sequence_length
 
-    @torch.inference_mode()
-    def encode(self, texts: list[str]) -> Conditioning:
+    def encode_distinct(self, texts: list[str]) -> Conditioning:
         # Captions are used as given (the pipeline's optional caption cleaning is not applied).
-        unique = list(dict.fromkeys(texts))
-        ids, truncated, tokens = self._tokenize(self.pipe.tokenizer, unique, self.max_sequence_length)
+        ids, truncated, tokens = self._tokenize(self.pipe.tokenizer, texts, self.max_sequence_length)
         mask = ids.attention_mask.to(self.device)
         emb = self.pipe.text_encoder(ids.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
-        index = [unique.index(t) for t in texts]
-        return Conditioning(
-            {"prompt_embeds": emb[index], "attention_mask": mask[index]},
-            truncated=[truncated[i] for i in index],
-            tokens=[tokens[i] for i in index],
-        )
+        return Conditioning({"prompt_embeds": emb, "attention_mask": mask}, truncated=truncated, tokens=tokens)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         n = len(latents)

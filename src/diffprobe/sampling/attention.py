@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..guidance.base import AttentionLayer
+from ..models.base import AttentionLayer
 
 
 def attention_probs(

@@ -11,8 +11,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..guidance.base import BatchContext, Guider, StepInfo
-from ..models.adapters import DiffusersAdapter
-from ..models.base import Conditioning
+from ..models.base import Conditioning, ModelAdapter
 from .attention import capture_attention
 
 
@@ -25,7 +24,7 @@ class SampleResult:
 
 
 def _predict(
-    adapter: DiffusersAdapter, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int
+    adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int
 ) -> tuple[torch.Tensor, int]:
     """The denoiser output for all rows of ``x``, in calls of at most ``chunk`` rows; returns the chunk that fit."""
     while True:
@@ -41,7 +40,7 @@ def _predict(
 
 
 def initial_latents(
-    adapter: DiffusersAdapter, seeds: Sequence[int], height: int, width: int, generator_device: str = "cpu"
+    adapter: ModelAdapter, seeds: Sequence[int], height: int, width: int, generator_device: str = "cpu"
 ) -> torch.Tensor:
     """One generator per image, so an image depends only on its own seed (as diffusers does for a generator list)."""
     f = adapter.vae_scale_factor
@@ -60,12 +59,12 @@ def initial_latents(
 
 @torch.inference_mode()
 def sample(
-    adapter: DiffusersAdapter,
+    adapter: ModelAdapter,
     guider: Guider,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
-    steps: int = 50,
+    steps: int | None = None,
     height: int | None = None,
     width: int | None = None,
     generator_device: str = "cpu",
@@ -76,12 +75,18 @@ def sample(
 ) -> SampleResult:
     """Sample one image per (prompt, seed) pair. ``latents`` overrides the seeded initial noise (unscaled).
 
+    ``steps`` defaults to the model's recommended count (``adapter.default_steps``: the checkpoint's, else 50); the
+    guider's parameters are the caller's, so pass the model's recommended ones explicitly::
+
+        sample(adapter, make_guider("cfg", **adapter.guidance_defaults()), prompts, seeds)
+
     All branches of all samples go through one denoiser call per step; ``max_model_batch`` caps the rows of one
     call, and running out of GPU memory halves the cap (the result is the same up to kernel rounding).
     """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
         raise InputError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    steps = adapter.default_steps if steps is None else steps
     if steps < 1:
         raise InputError(f"steps must be at least 1 (got {steps})")
     height, width = height or adapter.default_size[0], width or adapter.default_size[1]

@@ -33,6 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import ModelNotFoundError
+from ...models.registry import register_model
 from .grammar import CATEGORIES, HELDOUT_COMBOS, SPLITS, ShapesPrompt, make_scene, prompts, training_example
 from .judge import Detection, ShapesJudge, detect
 from .render import COLORS, SHAPES, SIZES, Scene, Shape, render, render_tensor
@@ -49,6 +50,8 @@ def weights_dir() -> Path:
         )
     return _WEIGHTS
 
+
+register_model("shapes", weights_dir)  # load_model("shapes") and --model shapes
 
 __all__ = [
     "CATEGORIES", "COLORS", "HELDOUT_COMBOS", "SHAPES", "SIZES", "SPLITS", "Detection", "Scene", "Shape",
