@@ -113,7 +113,7 @@ def sample(
     latents = latents * scheduler.init_noise_sigma
 
     latent_size = (latents.shape[-2], latents.shape[-1])
-    layers = guider.attention_layers(adapter.attention_layers(height, width), latent_size)
+    layers = guider.prepare(adapter.attention_layers(height, width), latent_size)
     guider.start(BatchContext(prompts=prompts, latent_size=latent_size, tokens=cond.tokens))
     timesteps = scheduler.timesteps
     # The scheduler and the guider get the timestep as a host value: indexing the scheduler's tables with a GPU
