@@ -19,7 +19,7 @@ class RecordingCFG(CFG):
         self.grids = set(grids)
         self.seen: list[dict[str, torch.Tensor]] = []
 
-    def attention_layers(self, layers, latent_size):
+    def prepare(self, layers, latent_size):
         return [layer for layer in layers if (layer.height, layer.width) in self.grids]
 
     def combine(self, preds, attention, step):
@@ -71,7 +71,7 @@ def _reference_maps(adapter, names, run):
 def test_maps_captured_at_requested_resolutions(request, fixture, grids, expected_counts):
     adapter = load_model(str(request.getfixturevalue(fixture)), device="cpu")
     guider = RecordingCFG(grids)
-    requested = guider.attention_layers(adapter.attention_layers(32, 32), (16, 16))
+    requested = guider.prepare(adapter.attention_layers(32, 32), (16, 16))
     per_grid: dict[tuple[int, int], int] = {}
     for layer in requested:
         if layer.kind == "cross":

@@ -70,7 +70,7 @@ def test_scfg_end_to_end(adapters, family):
         assert rec["mask_grid"] == [h // 4, w // 4] and rec["benchmark"] == "global"
     else:  # the layers at latent/4 and latent/8, chosen from the latent size
         f = adapter.vae_scale_factor
-        chosen = guider.attention_layers(adapter.attention_layers(f * h, f * w), (h, w))
+        chosen = guider.prepare(adapter.attention_layers(f * h, f * w), (h, w))
         assert {layer.height for layer in chosen} <= {h // 4, h // 8} and rec["mask_grid"] == [h // 4, w // 4]
         assert rec["benchmark"] == "foreground"
 

@@ -184,17 +184,17 @@ def sd15_layers(latent: int = 64) -> list[AttentionLayer]:
 
 def test_sd15_layers_at_16_and_8_from_the_latent_size():
     g = SCFG()
-    chosen = g.attention_layers(sd15_layers(64), (64, 64))
+    chosen = g.prepare(sd15_layers(64), (64, 64))
     grids = sorted({(layer.height, layer.kind) for layer in chosen})
     assert grids == [(8, "cross"), (8, "self"), (16, "cross"), (16, "self")]
     assert len(chosen) == 12  # 5 + 1 self/cross pairs
     # 768 px SD 2.1: 96 latent -> 24 and 12
-    assert {layer.height for layer in SCFG().attention_layers(sd15_layers(96), (96, 96))} == {24, 12}
+    assert {layer.height for layer in SCFG().prepare(sd15_layers(96), (96, 96))} == {24, 12}
     with pytest.raises(ResolutionError):
-        SCFG().attention_layers(sd15_layers(60), (60, 60))
+        SCFG().prepare(sd15_layers(60), (60, 60))
     with pytest.raises(ResolutionError, match="resolution_factor"):
-        SCFG(resolution_factor=16).attention_layers(sd15_layers(64), (64, 64))
-    assert SCFG(use_rate=False).attention_layers(sd15_layers(64), (64, 64)) == []
+        SCFG(resolution_factor=16).prepare(sd15_layers(64), (64, 64))
+    assert SCFG(use_rate=False).prepare(sd15_layers(64), (64, 64)) == []
 
 
 def fake_attention(layers, batch, tokens, seed=0):
@@ -210,7 +210,7 @@ def fake_attention(layers, batch, tokens, seed=0):
 def test_combine_matches_composition_and_reduces_to_cfg():
     layers = sd15_layers(32)
     g = SCFG(scale=5.0)
-    chosen = g.attention_layers(layers, (32, 32))
+    chosen = g.prepare(layers, (32, 32))
     g.start(BatchContext(prompts=["a b"], latent_size=(32, 32)))
     att = fake_attention(chosen, 1, 7)
     preds = torch.randn(2, 1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -234,7 +234,7 @@ def test_combine_matches_composition_and_reduces_to_cfg():
     off = SCFG(scale=5.0, use_rate=False)
     assert torch.equal(off.combine(preds, {}, STEP), cfg)
     one = SCFG(scale=5.0, rate_min=1.0, rate_max=1.0)
-    one.attention_layers(layers, (32, 32))
+    one.prepare(layers, (32, 32))
     one.start(BatchContext(prompts=["a b"], latent_size=(32, 32)))
     torch.testing.assert_close(one.combine(preds, att, STEP), cfg, atol=1e-5, rtol=1e-6)
 
@@ -245,7 +245,7 @@ def test_foreground_source_and_batch_independence():
     guiders = {}
     for source in ("uncond", "cond"):
         g = SCFG(foreground_source=source)
-        chosen = g.attention_layers(layers, (32, 32))
+        chosen = g.prepare(layers, (32, 32))
         g.start(BatchContext(prompts=["x"] * 3, latent_size=(32, 32)))
         guiders[source] = g
     att = fake_attention(chosen, 3, 9, seed=4)
@@ -256,7 +256,7 @@ def test_foreground_source_and_batch_independence():
     for b in range(3):  # sample b alone gives the same result: statistics are per sample
         single = {k: v.reshape(2, 3, *v.shape[1:])[:, b] for k, v in att.items()}
         g = SCFG()
-        g.attention_layers(layers, (32, 32))
+        g.prepare(layers, (32, 32))
         g.start(BatchContext(prompts=["x"], latent_size=(32, 32)))
         torch.testing.assert_close(g.combine(preds[:, b : b + 1], single, STEP)[0], batched[b], atol=1e-6, rtol=1e-5)
 
@@ -268,7 +268,7 @@ def test_single_grid_dit_pools_onto_latent_over_r():
         for a, kind in (("attn1", "self"), ("attn2", "cross"))
     ]
     g = SCFG()
-    assert len(g.attention_layers(layers, (32, 32))) == 4
+    assert len(g.prepare(layers, (32, 32))) == 4
     g.start(BatchContext(prompts=["p"], latent_size=(32, 32), tokens=[["a", "b"], ["c", "d"]]))
     att = fake_attention(layers, 1, 6)
     ca, fore = g.masks(att, 2)

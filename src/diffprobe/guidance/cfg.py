@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import Guider, StepInfo
+from .base import FiniteFloat, Guider, GuiderParams, StepInfo
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -18,19 +16,21 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -
     return rescale * rescaled + (1 - rescale) * guided
 
 
-class CFG(Guider):
-    name = "cfg"
+class CFGParams(GuiderParams):
+    scale: FiniteFloat = 7.5
+    rescale: FiniteFloat = 0.0  # guidance rescale phi (0: off)
 
-    def __init__(self, scale: float = 7.5, rescale: float = 0.0):
-        self.scale = float(scale)
-        self.rescale = float(rescale)
+
+class CFG(Guider):
+    """``CFG(scale=7.5, rescale=0.0)``."""
+
+    name = "cfg"
+    Params = CFGParams
+    params: CFGParams
 
     def combine(self, preds: torch.Tensor, attention: dict[str, torch.Tensor], step: StepInfo) -> torch.Tensor:
         uncond, cond = preds[0], preds[1]
-        guided = uncond + self.scale * (cond - uncond)
-        if self.rescale > 0:
-            guided = rescale_guidance(guided, cond, self.rescale)
+        guided = uncond + self.params.scale * (cond - uncond)
+        if self.params.rescale > 0:
+            guided = rescale_guidance(guided, cond, self.params.rescale)
         return guided
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "scale": self.scale, "rescale": self.rescale}

@@ -24,14 +24,15 @@ With no concepts (n = 0) the guider is plain CFG and says so (warning and record
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from ..errors import InputError
-from .base import BatchContext, Guider, StepInfo
+from .base import BatchContext, FiniteFloat, Guider, GuiderParams, StepInfo
 from .cfg import rescale_guidance
 from .concepts import Extractor, get_extractor, parse_concepts
 
@@ -78,56 +79,76 @@ def top_quantile_mask(x: torch.Tensor, q: torch.Tensor | float) -> torch.Tensor:
     return torch.where(mag >= row_quantile(mag, q)[..., None], x, torch.zeros_like(x))
 
 
+Threshold = float | Literal["auto"]  # "auto": 1 / (n + 1) for n concepts
+
+
+class ConceptParams(GuiderParams):
+    """Concept guidance's parameters. ``None`` takes the mode's default (``_MODE_DEFAULTS``) when validated, so the
+    validated parameters hold the values actually used (``subject_threshold``/``abstract_threshold`` may stay
+    "auto" until the number of concepts is known: ``thresholds(n)``)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    # in the order of the positional parameters: ConceptGuidance(7.5) sets the scale
+    scale: FiniteFloat = 7.5
+    concept_scale: FiniteFloat | None = None
+    concepts: list[str] | None = None  # the user's concepts for every prompt; None: the extractor's
+    extractor: str | Callable[[str], list[str]] = "spacy"  # stored by name
+    mode: Literal["v0", "head"] = "v0"
+    subject_threshold: FiniteFloat | Literal["auto"] | None = None
+    abstract_threshold: FiniteFloat | Literal["auto"] | None = None
+    upper_bound: FiniteFloat = 0.8
+    warm_up: int | None = None
+    cool_down: int | None = None  # None: through the last step
+    percentile: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.9
+    momentum: FiniteFloat = 0.5
+    momentum_beta: FiniteFloat = 0.5
+    window: Annotated[int, Field(ge=1)] = 5
+    rescale: FiniteFloat = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode", "v0") in _MODE_DEFAULTS:
+            defaults = _MODE_DEFAULTS[data.get("mode", "v0")]
+            data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+        return data
+
+    @field_validator("concepts", mode="before")
+    @classmethod
+    def _parse_concepts(cls, value: Any) -> Any:
+        strings = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        return parse_concepts(value) if isinstance(value, str) or strings else value
+
+    @field_validator("subject_threshold", "abstract_threshold", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        return "auto" if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+    @field_serializer("extractor")
+    def _extractor_name(self, extractor: str | Extractor) -> str:
+        return extractor if isinstance(extractor, str) else getattr(extractor, "name", "custom")
+
+    def thresholds(self, n: int) -> tuple[float, float]:
+        """The (subject, abstract) thresholds for ``n`` concepts: "auto" is 1 / (n + 1)."""
+        auto = 1.0 / (n + 1)
+        return tuple(auto if t == "auto" else float(t) for t in (self.subject_threshold, self.abstract_threshold))
+
+
 class ConceptGuidance(Guider):
     """``ConceptGuidance(scale=7.5, concepts="a red book; a gold clock")`` or with concepts from spaCy."""
 
     name = "concept"
+    Params = ConceptParams
+    params: ConceptParams
 
-    def __init__(
-        self,
-        scale: float = 7.5,
-        concept_scale: float | None = None,
-        concepts: str | Sequence[str] | None = None,
-        extractor: str | Extractor = "spacy",
-        mode: str = "v0",
-        subject_threshold: float | str | None = None,
-        abstract_threshold: float | str | None = None,
-        upper_bound: float = 0.8,
-        warm_up: int | None = None,
-        cool_down: int | None = None,
-        percentile: float = 0.9,
-        momentum: float = 0.5,
-        momentum_beta: float = 0.5,
-        window: int = 5,
-        rescale: float = 0.0,
-    ):
-        if mode not in _MODE_DEFAULTS:
-            raise InputError(f"concept guidance mode {mode!r} is not one of: {', '.join(_MODE_DEFAULTS)}")
-        d = _MODE_DEFAULTS[mode]
-        self.mode = mode
-        self.scale = float(scale)
-        self.concept_scale = float(d["concept_scale"] if concept_scale is None else concept_scale)
-        self.subject_threshold = _threshold(d["subject_threshold"] if subject_threshold is None else subject_threshold)
-        self.abstract_threshold = _threshold(
-            d["abstract_threshold"] if abstract_threshold is None else abstract_threshold
-        )
-        self.upper_bound = float(upper_bound)
-        self.warm_up = int(d["warm_up"] if warm_up is None else warm_up)
-        self.cool_down = None if cool_down is None else int(cool_down)  # None: through the last step
-        self.percentile = float(percentile)
-        self.momentum, self.momentum_beta, self.window = float(momentum), float(momentum_beta), int(window)
-        self.rescale = float(rescale)
-        if not 0.0 <= self.percentile <= 1.0:
-            raise InputError(f"concept guidance percentile must lie in [0, 1], got {self.percentile}")
-        if self.window < 1:
-            raise InputError("concept guidance window must be >= 1")
-        self.user_concepts = None if concepts is None else parse_concepts(concepts)
-        self._extractor_name = extractor if isinstance(extractor, str) else getattr(extractor, "name", "custom")
-        self._extractor_arg = extractor
+    def __init__(self, *args: Any, **params: Any):
+        super().__init__(*args, **params)
         self._extractor: Extractor | None = None
         self._cache: dict[str, list[str]] = {}
         self._warned = False
         self._concepts: list[list[str]] = []
+        self._thresholds: tuple[float, float] | None = None  # (subject, abstract), resolved in start()
         self._steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (B, n+1) similarities, decisions
         self._momentum: torch.Tensor | None = None
         self._history: list[torch.Tensor] = []
@@ -135,11 +156,11 @@ class ConceptGuidance(Guider):
     # -- concepts ---------------------------------------------------------------------------------
     def concepts_for(self, prompt: str) -> list[str]:
         """The subject concepts of ``prompt``: the user's list, else the extractor's noun phrases."""
-        if self.user_concepts is not None:
-            return list(self.user_concepts)
+        if self.params.concepts is not None:
+            return list(self.params.concepts)
         if prompt not in self._cache:
             if self._extractor is None:
-                self._extractor = get_extractor(self._extractor_arg)
+                self._extractor = get_extractor(self.params.extractor)
             self._cache[prompt] = [c for c in self._extractor(prompt) if c.strip()]
         return list(self._cache[prompt])
 
@@ -158,14 +179,17 @@ class ConceptGuidance(Guider):
         if counts == {0} and not self._warned:
             warnings.warn("concept guidance: no concepts found in the prompt; falling back to plain CFG", stacklevel=2)
             self._warned = True
+        self._thresholds = self.params.thresholds(len(self._concepts[0]) if self._concepts else 0)
         self._steps = []
         self._momentum = None
         self._history = []
 
     # -- guidance ---------------------------------------------------------------------------------
     def combine(self, preds: torch.Tensor, attention: dict[str, torch.Tensor], step: StepInfo) -> torch.Tensor:
+        if self._thresholds is None:
+            raise RuntimeError("concept guidance: call start(context) before combine()")
         uncond, cond = preds[0], preds[1]
-        guided = uncond + self.scale * (cond - uncond)
+        guided = uncond + self.params.scale * (cond - uncond)
         n = preds.shape[0] - 2
         if self._concepts and n != len(self._concepts[0]):
             raise InputError(f"concept guidance expected {len(self._concepts[0]) + 2} branches, got {n + 2}")
@@ -174,31 +198,31 @@ class ConceptGuidance(Guider):
             x = preds.float().reshape(n + 2, b, shape[0], -1)  # (K, B, C, HW)
             s_p = x[1] - x[0]
             s_k = x[2:] - x[0]
-            g, sims, applied = (self._v0 if self.mode == "v0" else self._head)(s_p, s_k, step)
+            g, sims, applied = (self._v0 if self.params.mode == "v0" else self._head)(s_p, s_k, step)
             guided = guided + g.reshape(b, *shape).to(preds.dtype)
             self._steps.append((sims.T, applied.T))  # kept on the device until records()
-        if self.rescale > 0:
-            guided = rescale_guidance(guided, cond, self.rescale)
+        if self.params.rescale > 0:
+            guided = rescale_guidance(guided, cond, self.params.rescale)
         return guided
 
     def _in_window(self, index: int) -> bool:
-        if self.mode == "v0":
-            return index >= self.warm_up and (self.cool_down is None or index <= self.cool_down)
-        return index > self.warm_up and (self.cool_down is None or index < self.cool_down)
+        warm_up, cool_down = self.params.warm_up, self.params.cool_down
+        if self.params.mode == "v0":
+            return index >= warm_up and (cool_down is None or index <= cool_down)
+        return index > warm_up and (cool_down is None or index < cool_down)
 
     def _v0(self, s_p: torch.Tensor, s_k: torch.Tensor, step: StepInfo) -> tuple[torch.Tensor, ...]:
         """Returns g (B, C, HW), similarities (n+1, B) [subjects, abstract], applied signs (n+1, B)."""
         n, b = s_k.shape[:2]
         flat_p, flat_k = s_p.flatten(1), s_k.flatten(2)  # (B, D), (n, B, D)
         s_a = reject(flat_p, flat_k.sum(0))
-        c_k, c_a = self.concept_scale * flat_k, self.concept_scale * s_a
+        c_k, c_a = self.params.concept_scale * flat_k, self.params.concept_scale * s_a
         rho_k, rho_a = abs_cosine(flat_p, c_k), abs_cosine(flat_p, c_a)  # (n, B), (B,)
-        eta_s = 1.0 / (n + 1) if self.subject_threshold == "auto" else self.subject_threshold
-        eta_a = 1.0 / (n + 1) if self.abstract_threshold == "auto" else self.abstract_threshold
+        eta_s, eta_a = self._thresholds
         use_a = rho_a < eta_a
         masked_a = top_quantile_mask(c_a.reshape(s_p.shape), rho_a).flatten(1)
         g = torch.where(use_a[:, None], masked_a, torch.zeros_like(masked_a))
-        sign = (rho_k < eta_s).float() - (rho_k > self.upper_bound).float()  # (n, B)
+        sign = (rho_k < eta_s).float() - (rho_k > self.params.upper_bound).float()  # (n, B)
         g = g + (sign[..., None] * reject(c_k, flat_p)).sum(0)
         applied = torch.cat([sign, use_a.float()[None]])
         if not self._in_window(step.index):
@@ -206,25 +230,27 @@ class ConceptGuidance(Guider):
         return g.reshape(s_p.shape), torch.cat([rho_k, rho_a[None]]), applied
 
     def _head(self, s_p: torch.Tensor, s_k: torch.Tensor, step: StepInfo) -> tuple[torch.Tensor, ...]:
+        p = self.params
         n, b = s_k.shape[:2]
-        s_k = top_quantile_mask(s_k.reshape(n * b, *s_k.shape[2:]), self.percentile).reshape(s_k.shape)
+        s_k = top_quantile_mask(s_k.reshape(n * b, *s_k.shape[2:]), p.percentile).reshape(s_k.shape)
         flat_p, flat_k = s_p.flatten(1), s_k.flatten(2)
-        s_a = top_quantile_mask(s_p, self.percentile).flatten(1)
+        s_a = top_quantile_mask(s_p, p.percentile).flatten(1)
         for k in range(n):  # sequential rejection, one concept after the other
             s_a = reject(s_a, flat_k[k])
         rho = torch.cat([abs_cosine(flat_p, flat_k), abs_cosine(flat_p, s_a)[None]])  # (n+1, B)
         if self._momentum is None:
             self._momentum = torch.zeros_like(flat_k)
-        h_k = flat_k + self.momentum * self._momentum
-        self._momentum = self.momentum_beta * self._momentum + (1 - self.momentum_beta) * h_k
-        past = self._history[max(0, step.index - self.window) : step.index]
+        h_k = flat_k + p.momentum * self._momentum
+        self._momentum = p.momentum_beta * self._momentum + (1 - p.momentum_beta) * h_k
+        past = self._history[max(0, step.index - p.window) : step.index]
         self._history.append(rho)
         applied = torch.zeros_like(rho)
         if past and self._in_window(step.index):
             mean = torch.stack(past).mean(0)
-            applied = torch.cat([mean[:n] < self.subject_threshold, mean[n:] < self.abstract_threshold]).float()
+            eta_s, eta_a = self._thresholds
+            applied = torch.cat([mean[:n] < eta_s, mean[n:] < eta_a]).float()
         h = torch.cat([h_k, -(flat_p - s_a)[None]])  # (n+1, B, D)
-        g = self.concept_scale * (applied[..., None] * h).sum(0)
+        g = p.concept_scale * (applied[..., None] * h).sum(0)
         return g.reshape(s_p.shape), rho, applied
 
     def records(self) -> list[dict[str, Any]]:
@@ -238,51 +264,20 @@ class ConceptGuidance(Guider):
             ]
         else:
             per_sample = [[] for _ in self._concepts]
+        source = "user" if self.params.concepts is not None else self.config()["extractor"]
         for concepts, steps in zip(self._concepts, per_sample, strict=True):
-            n = len(concepts)
-            eta = self.subject_threshold if self.subject_threshold != "auto" else 1.0 / (n + 1)
+            eta_s, eta_a = self._thresholds or self.params.thresholds(len(concepts))
             rec: dict[str, Any] = {
                 "guidance": "concept",
-                "mode": self.mode,
+                "mode": self.params.mode,
                 "concepts": concepts,
-                "concept_source": "user" if self.user_concepts is not None else self._extractor_name,
+                "concept_source": source,
                 "similarity_order": [*concepts, "<abstract>"],
-                "subject_threshold": eta,
-                "abstract_threshold": self.abstract_threshold if self.abstract_threshold != "auto" else 1 / (n + 1),
+                "subject_threshold": eta_s,
+                "abstract_threshold": eta_a,
                 "steps": steps,
             }
-            if n == 0:
+            if not concepts:
                 rec["fallback"] = "cfg: no concepts"
             out.append(rec)
         return out
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "mode": self.mode,
-            "scale": self.scale,
-            "concept_scale": self.concept_scale,
-            "concepts": self.user_concepts,
-            "extractor": self._extractor_name,
-            "subject_threshold": self.subject_threshold,
-            "abstract_threshold": self.abstract_threshold,
-            "upper_bound": self.upper_bound,
-            "warm_up": self.warm_up,
-            "cool_down": self.cool_down,
-            "percentile": self.percentile,
-            "momentum": self.momentum,
-            "momentum_beta": self.momentum_beta,
-            "window": self.window,
-            "rescale": self.rescale,
-        }
-
-
-def _threshold(value: float | str) -> float | str:
-    if isinstance(value, str):
-        if value.strip().lower() == "auto":
-            return "auto"
-        try:
-            return float(value)
-        except ValueError:
-            raise InputError(f"concept guidance threshold must be a number or 'auto', got {value!r}") from None
-    return float(value)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from ..errors import InputError, ResolutionError
-from .base import AttentionLayer, BatchContext, Guider, StepInfo
+from .base import AttentionLayer, BatchContext, FiniteFloat, Guider, GuiderParams, StepInfo
 from .cfg import rescale_guidance
 from .smoothing import gaussian_smooth
 
@@ -46,12 +47,6 @@ class _Resolution:
     self_layers: tuple[str, ...]
     cross_layers: tuple[str, ...]
     pool: int  # average-pool factor onto the mask grid (DiT); 1 for UNet grids
-
-
-def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise InputError(f"S-CFG option {name}={value!r} is not one of: {', '.join(allowed)}")
-    return value
 
 
 def propagate(self_maps: torch.Tensor, cross_maps: torch.Tensor, order: int = 4, mode: str = "code") -> torch.Tensor:
@@ -178,61 +173,73 @@ def region_rates(
     return gaussian_smooth(rate, *smoothing)
 
 
+class SCFGParams(GuiderParams):
+    """S-CFG's parameters; the defaults reproduce the official SD code (module doc for the options)."""
+
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 7.5
+    rescale: FiniteFloat = 0.0
+    use_rate: bool = True  # False: plain CFG (the switch of the reference code)
+    propagation: Literal["code", "paper"] = "code"
+    propagation_order: Annotated[int, Field(ge=1)] = 4
+    foreground_source: Literal["uncond", "cond"] = "uncond"
+    ties: Literal["code", "argmax"] = "code"
+    benchmark: Literal["auto", "foreground", "global"] = "auto"
+    resolution_factor: Annotated[int, Field(ge=1)] = 4
+    rate_min: FiniteFloat = 0.8
+    rate_max: FiniteFloat = 3.0
+    max_scale: FiniteFloat = 15.0
+    smoothing_size: Annotated[int, Field(ge=1)] = 3
+    smoothing_sigma: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.5
+
+    @model_validator(mode="after")
+    def _rates_ordered(self) -> SCFGParams:
+        if self.rate_min > self.rate_max:
+            raise ValueError(f"rate_min {self.rate_min} is above rate_max {self.rate_max}")
+        return self
+
+    @property
+    def smoothing(self) -> tuple[int, float]:
+        return self.smoothing_size, self.smoothing_sigma
+
+
+@dataclass(frozen=True)
+class SCFGPlan:
+    """Which captured maps S-CFG reads, per attention grid, and the grid its masks live on."""
+
+    resolutions: tuple[_Resolution, ...]
+    mask_grid: tuple[int, int]
+
+    @property
+    def layer_names(self) -> set[str]:
+        return {n for r in self.resolutions for n in (*r.self_layers, *r.cross_layers)}
+
+
 class SCFG(Guider):
     """S-CFG guider: ``SCFG(scale=7.5)`` reproduces the official SD code; see the module doc for options."""
 
     name = "scfg"
+    Params = SCFGParams
+    params: SCFGParams
 
-    def __init__(
-        self,
-        scale: float = 7.5,
-        rescale: float = 0.0,
-        use_rate: bool = True,
-        propagation: str = "code",
-        propagation_order: int = 4,
-        foreground_source: str = "uncond",
-        ties: str = "code",
-        benchmark: str = "auto",
-        resolution_factor: int = 4,
-        rate_min: float = 0.8,
-        rate_max: float = 3.0,
-        max_scale: float = 15.0,
-        smoothing_size: int = 3,
-        smoothing_sigma: float = 0.5,
-    ):
-        self.scale = float(scale)
-        self.rescale = float(rescale)
-        self.use_rate = _as_bool(use_rate)
-        self.propagation = _choice("propagation", propagation, ("code", "paper"))
-        self.propagation_order = int(propagation_order)
-        self.foreground_source = _choice("foreground_source", foreground_source, ("uncond", "cond"))
-        self.ties = _choice("ties", ties, ("code", "argmax"))
-        self.benchmark = _choice("benchmark", benchmark, ("auto", "foreground", "global"))
-        self.resolution_factor = int(resolution_factor)
-        self.rate_min, self.rate_max, self.max_scale = float(rate_min), float(rate_max), float(max_scale)
-        self.smoothing = (int(smoothing_size), float(smoothing_sigma))
-        if self.scale <= 0:
-            raise InputError(f"S-CFG needs a positive guidance scale, got {self.scale}")
-        if self.propagation_order < 1 or self.resolution_factor < 1 or self.smoothing[0] < 1:
-            raise InputError("S-CFG: propagation_order, resolution_factor and smoothing_size must be >= 1")
-        if self.rate_min > self.rate_max:
-            raise InputError(f"S-CFG: rate_min {self.rate_min} is above rate_max {self.rate_max}")
-        self._plan: list[_Resolution] = []
-        self._mask_grid: tuple[int, int] = (0, 0)
+    def __init__(self, *args: Any, **params: Any):
+        super().__init__(*args, **params)
+        self.plan: SCFGPlan | None = None
         self._stats: list[torch.Tensor] = []  # per step: (B, 5) statistics
         self._use_global = False
 
     # -- which maps -------------------------------------------------------------------------------
-    def attention_layers(self, layers: Sequence[AttentionLayer], latent_size: tuple[int, int]) -> list[AttentionLayer]:
-        if not self.use_rate:
+    def prepare(self, layers: Sequence[AttentionLayer], latent_size: tuple[int, int]) -> list[AttentionLayer]:
+        """Choose the attention grids for this latent size (module doc) and keep the plan; returns their layers."""
+        self.plan = None
+        if not self.params.use_rate:
             return []
         hl, wl = latent_size
-        r = self.resolution_factor
+        r = self.params.resolution_factor
         grids = {(layer.height, layer.width) for layer in layers if layer.kind == "cross"}
         if not grids:
             raise InputError("S-CFG needs cross-attention layers; this denoiser has none")
         if len(grids) == 1 and len({(layer.height, layer.width) for layer in layers}) == 1:
-            plan = [self._dit_resolution(layers, next(iter(grids)), latent_size)]
+            plan = self._dit_plan(layers, next(iter(grids)), latent_size)
         else:
             if hl % (2 * r) or wl % (2 * r):
                 raise ResolutionError(
@@ -240,44 +247,47 @@ class SCFG(Guider):
                     f"choose a height and width that are multiples of {2 * r} latent cells"
                 )
             wanted = [(hl // r, wl // r), (hl // (2 * r), wl // (2 * r))]
-            plan = [p for g in wanted if (p := _resolution(layers, g, 1)) is not None]
-            if not plan:
+            resolutions = tuple(p for g in wanted if (p := _resolution(layers, g, 1)) is not None)
+            if not resolutions:
                 raise ResolutionError(
                     f"S-CFG uses attention at latent/{r} and latent/{2 * r} ({wanted[0]} and {wanted[1]} for a "
                     f"{hl}x{wl} latent) but this model attends at {sorted(grids)}; "
                     "set resolution_factor so that latent/resolution_factor is one of those grids"
                 )
-            self._mask_grid = wanted[0]
-        self._plan = plan
-        chosen = {n for p in plan for n in (*p.self_layers, *p.cross_layers)}
+            plan = SCFGPlan(resolutions, wanted[0])
+        self.plan = plan
+        chosen = plan.layer_names
         return [layer for layer in layers if layer.name in chosen]
 
-    def _dit_resolution(
+    def _dit_plan(
         self, layers: Sequence[AttentionLayer], grid: tuple[int, int], latent_size: tuple[int, int]
-    ) -> _Resolution:
-        target = (latent_size[0] // self.resolution_factor, latent_size[1] // self.resolution_factor)
+    ) -> SCFGPlan:
+        r = self.params.resolution_factor
+        target = (latent_size[0] // r, latent_size[1] // r)
         f = grid[0] // target[0] if target[0] else 0
         if f >= 1 and grid == (target[0] * f, target[1] * f):
-            self._mask_grid = target
+            mask_grid = target
         else:  # the single grid is already coarser than latent/R: use it as is
-            f, self._mask_grid = 1, grid
+            f, mask_grid = 1, grid
         res = _resolution(layers, grid, f)
         if res is None:
             raise InputError(f"S-CFG needs both self- and cross-attention at the {grid} grid of this model")
-        return res
+        return SCFGPlan((res,), mask_grid)
 
     # -- guidance ---------------------------------------------------------------------------------
     def start(self, context: BatchContext) -> None:
         super().start(context)
         self._stats = []
-        self._use_global = self.benchmark == "global" or (self.benchmark == "auto" and not _has_start_token(context))
+        benchmark = self.params.benchmark
+        self._use_global = benchmark == "global" or (benchmark == "auto" and not _has_start_token(context))
 
     def masks(self, attention: dict[str, torch.Tensor], branches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-region masks (B, T, h, w) from the cond half, foreground mask (B, 1, h, w) from the chosen half."""
-        if not self._plan:
-            raise InputError("S-CFG: attention_layers() must be called before combine()")
+        if self.plan is None:
+            raise RuntimeError("S-CFG has no plan: call prepare(layers, latent_size) before combine()")
+        p = self.params
         stacked = []
-        for res in self._plan:
+        for res in self.plan.resolutions:
             missing = [n for n in (*res.self_layers, *res.cross_layers) if n not in attention]
             if missing:
                 raise InputError(f"S-CFG: attention maps missing for {missing[:3]}")
@@ -290,35 +300,36 @@ class SCFG(Guider):
             stacked.append((s, c, grid))
         tokens, fore = token_masks(
             stacked,
-            self._mask_grid,
-            order=self.propagation_order,
-            propagation=self.propagation,
-            smoothing=self.smoothing,
+            self.plan.mask_grid,
+            order=p.propagation_order,
+            propagation=p.propagation,
+            smoothing=p.smoothing,
         )
         tokens = tokens.reshape(branches, -1, *tokens.shape[1:])
         fore = fore.reshape(branches, -1, *fore.shape[1:])
-        fore_half = fore[0] if self.foreground_source == "uncond" else fore[1]
-        return region_masks(tokens[1], self.ties), foreground_mask(fore_half)
+        fore_half = fore[0] if p.foreground_source == "uncond" else fore[1]
+        return region_masks(tokens[1], p.ties), foreground_mask(fore_half)
 
     def combine(self, preds: torch.Tensor, attention: dict[str, torch.Tensor], step: StepInfo) -> torch.Tensor:
+        p = self.params
         uncond, cond = preds[0], preds[1]
-        if self.use_rate:
+        if p.use_rate:
             ca_mask, fore = self.masks(attention, preds.shape[0])
             rate = region_rates(
                 cond - uncond,
                 ca_mask,
                 None if self._use_global else fore,
-                scale=self.scale,
-                clamp=(self.rate_min, self.rate_max),
-                max_scale=self.max_scale,
-                smoothing=self.smoothing,
+                scale=p.scale,
+                clamp=(p.rate_min, p.rate_max),
+                max_scale=p.max_scale,
+                smoothing=p.smoothing,
             )
             self._record(rate, ca_mask, fore)
-            guided = uncond + (self.scale * rate).to(preds.dtype) * (cond - uncond)
+            guided = uncond + (p.scale * rate).to(preds.dtype) * (cond - uncond)
         else:
-            guided = uncond + self.scale * (cond - uncond)
-        if self.rescale > 0:
-            guided = rescale_guidance(guided, cond, self.rescale)
+            guided = uncond + p.scale * (cond - uncond)
+        if p.rescale > 0:
+            guided = rescale_guidance(guided, cond, p.rescale)
         return guided
 
     def _record(self, rate: torch.Tensor, ca_mask: torch.Tensor, fore: torch.Tensor) -> None:
@@ -332,35 +343,17 @@ class SCFG(Guider):
         benchmark = "global" if self._use_global else "foreground"
         steps = torch.stack(self._stats, dim=1).tolist() if self._stats else [[] for _ in self.context.prompts]
         keys = ("rate_mean", "rate_min", "rate_max", "foreground")
+        plan = self.plan or SCFGPlan((), (0, 0))
         return [
             {
                 "guidance": "scfg",
                 "benchmark": benchmark,
-                "mask_grid": list(self._mask_grid),
-                "layers": sum(len(r.cross_layers) for r in self._plan),
+                "mask_grid": list(plan.mask_grid),
+                "layers": sum(len(r.cross_layers) for r in plan.resolutions),
                 "steps": [{**dict(zip(keys, row[:4], strict=True)), "regions": int(row[4])} for row in sample_steps],
             }
             for sample_steps in steps
         ]
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "scale": self.scale,
-            "rescale": self.rescale,
-            "use_rate": self.use_rate,
-            "propagation": self.propagation,
-            "propagation_order": self.propagation_order,
-            "foreground_source": self.foreground_source,
-            "ties": self.ties,
-            "benchmark": self.benchmark,
-            "resolution_factor": self.resolution_factor,
-            "rate_min": self.rate_min,
-            "rate_max": self.rate_max,
-            "max_scale": self.max_scale,
-            "smoothing_size": self.smoothing[0],
-            "smoothing_sigma": self.smoothing[1],
-        }
 
 
 def _resolution(layers: Sequence[AttentionLayer], grid: tuple[int, int], pool: int) -> _Resolution | None:
@@ -385,13 +378,3 @@ def _has_start_token(context: BatchContext) -> bool:
     if not context.tokens or not context.tokens[0]:
         return True
     return any(t and t[0] in _START_TOKENS for t in context.tokens)
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"expected true or false, got {value!r}")
-    return bool(value)

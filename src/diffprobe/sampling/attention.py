@@ -1,7 +1,8 @@
 """Attention capture: forward pre-hooks on exactly the requested attention modules.
 
 A hooked module still runs its own (fused) attention; the hook recomputes softmax(QK^T * scale) from the same
-inputs, averages it over heads and keeps it. Unrequested layers are never touched.
+inputs, averages it over heads and keeps it. Unrequested layers are never touched. One sampling step may run the
+denoiser in several calls (chunks of rows); the capture keeps every call's maps and gathers them in row order.
 """
 
 from __future__ import annotations
@@ -51,10 +52,28 @@ def attention_probs(
     return scores.softmax(dim=-1).mean(dim=1)
 
 
+class AttentionCapture:
+    """The maps captured since the last ``clear()``, per layer name, one part per denoiser call."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, probs: torch.Tensor) -> None:
+        self._parts.setdefault(name, []).append(probs)
+
+    def clear(self) -> None:
+        """Forget every captured map (before a step's first call, and before a call is retried)."""
+        self._parts.clear()
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        """Per layer, the maps of all calls since ``clear()`` joined along the batch in call order."""
+        return {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in self._parts.items()}
+
+
 @contextmanager
-def capture_attention(model: torch.nn.Module, layers: Sequence[AttentionLayer]) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the context, ``maps[layer.name]`` holds the latest head-averaged map of each requested layer."""
-    maps: dict[str, torch.Tensor] = {}
+def capture_attention(model: torch.nn.Module, layers: Sequence[AttentionLayer]) -> Iterator[AttentionCapture]:
+    """Within the context, every forward of ``model`` adds the head-averaged map of each requested layer."""
+    capture = AttentionCapture()
     modules = dict(model.named_modules())
     handles = []
     for layer in layers:
@@ -63,13 +82,14 @@ def capture_attention(model: torch.nn.Module, layers: Sequence[AttentionLayer]) 
 
         def hook(module, args, kwargs, name=layer.name):
             hidden = args[0] if args else kwargs["hidden_states"]
-            maps[name] = attention_probs(
-                module, hidden, kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")
+            capture.add(
+                name,
+                attention_probs(module, hidden, kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")),
             )
 
         handles.append(modules[layer.name].register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        yield maps
+        yield capture
     finally:
         for handle in handles:
             handle.remove()

@@ -12,7 +12,7 @@ from PIL import Image
 from ..errors import InputError
 from ..guidance.base import BatchContext, Guider, StepInfo
 from ..models.base import Conditioning, ModelAdapter
-from .attention import capture_attention
+from .attention import AttentionCapture, capture_attention
 
 
 @dataclass
@@ -24,14 +24,22 @@ class SampleResult:
 
 
 def _predict(
-    adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int
-) -> tuple[torch.Tensor, int]:
-    """The denoiser output for all rows of ``x``, in calls of at most ``chunk`` rows; returns the chunk that fit."""
+    adapter: ModelAdapter,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    chunk: int,
+    capture: AttentionCapture,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """The denoiser output and captured attention maps for all rows of ``x``, in calls of at most ``chunk`` rows;
+    returns the chunk that fit. Running out of memory halves the chunk and redoes every call of the step."""
     while True:
+        capture.clear()  # nothing from an earlier step, or from an attempt that ran out of memory
         try:
             parts = [adapter.predict(x[i : i + chunk], t, cond.rows(i, i + chunk)) for i in range(0, len(x), chunk)]
-            return torch.cat(parts), chunk
+            return (parts[0] if len(parts) == 1 else torch.cat(parts)), capture.maps(), chunk
         except torch.OutOfMemoryError:
+            capture.clear()
             if chunk == 1:
                 raise
             chunk = (chunk + 1) // 2
@@ -110,17 +118,17 @@ def sample(
     latents = latents * scheduler.init_noise_sigma
 
     latent_size = (latents.shape[-2], latents.shape[-1])
-    layers = guider.attention_layers(adapter.attention_layers(height, width), latent_size)
+    layers = guider.prepare(adapter.attention_layers(height, width), latent_size)
     guider.start(BatchContext(prompts=prompts, latent_size=latent_size, tokens=cond.tokens))
     timesteps = scheduler.timesteps
     # The scheduler and the guider get the timestep as a host value: indexing the scheduler's tables with a GPU
     # scalar, or reading it with float(), would make the CPU wait for the GPU at every step.
     host_timesteps = timesteps.cpu()
     chunk = max_model_batch or n_branches * batch
-    with capture_attention(adapter.denoiser, layers) as maps:
+    with capture_attention(adapter.denoiser, layers) as capture:
         for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps, strict=True)):
             model_in = scheduler.scale_model_input(torch.cat([latents] * n_branches), t_host)
-            out, chunk = _predict(adapter, model_in, t, cond, chunk)
+            out, maps, chunk = _predict(adapter, model_in, t, cond, chunk, capture)
             guided = guider.combine(
                 out.view(n_branches, batch, *out.shape[1:]), maps, StepInfo(i, len(timesteps), float(t_host))
             )
