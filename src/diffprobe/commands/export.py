@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, writing
 
 FORMATS = ("jsonl", "parquet")
 
@@ -20,7 +20,7 @@ def export_run(run_dir: Path, fmt: str | None = None, out: Path | None = None) -
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     out = out or Path(run_dir) / f"samples.{fmt}"
-    with open_run(run_dir) as store:
+    with open_run(run_dir) as store, writing(out):
         rows = store.export_jsonl(out) if fmt == "jsonl" else store.export_parquet(out)
     return out, rows
 
