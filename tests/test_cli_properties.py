@@ -187,9 +187,12 @@ RUN, SNTH, TRAIN, SCORES = "<run>", "<snth.npy>", "<train.npy>", "<scores.json>"
 # --- running one example ------------------------------------------------------------------------------------
 
 
+_real_load_model = diffprobe.models.load_model
+
+
 @functools.cache
 def _shapes_model(**kwargs):
-    return diffprobe.models.load_model("shapes", **kwargs)
+    return _real_load_model("shapes", **kwargs)
 
 
 def _load_model(name, **kwargs):
@@ -198,9 +201,6 @@ def _load_model(name, **kwargs):
     if name == "shapes":
         return _shapes_model(**kwargs)
     return _real_load_model(name, **kwargs)
-
-
-_real_load_model = diffprobe.models.load_model
 
 
 @pytest.fixture(scope="module")
