@@ -256,9 +256,9 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
         seeds = parse_seeds(str(seeds))
     else:
         raise error("'seeds' must be a list of integers or a string like 0-19")
-    model = data.get("model") or {}
-    fields = {"model": {"name": model} if isinstance(model, str) else model, "sampler": data.get("sampler") or {},
-              "guidance": data.get("guidance") or {}}
+    fields = {key: {} if data.get(key) is None else data[key] for key in ("model", "sampler", "guidance")}
+    if isinstance(fields["model"], str):
+        fields["model"] = {"name": fields["model"]}
     for key, value in fields.items():
         if not isinstance(value, Mapping):
             raise error(f"'{key}' must be a mapping of its settings (got {_short(value)})")
