@@ -151,7 +151,8 @@ def check_seeds(seeds: list[int]) -> None:
 def seed_int(digits: str) -> int:
     """ASCII digits as a seed; more digits than any seed has is out of range (and int() has a digit limit)."""
     if len(digits) > len(str(MAX_SEED)):
-        raise InputError(f"seed {digits[:20]}... is out of range; seeds must be integers in 0..{MAX_SEED}")
+        shown = digits if len(digits) <= 30 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise InputError(f"seed {shown} is out of range; seeds must be integers in 0..{MAX_SEED}")
     return int(digits)
 
 
