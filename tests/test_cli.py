@@ -159,3 +159,93 @@ def test_hub_model_missing_offline(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "someone/some-model" in lines[0] and "HF_HUB_OFFLINE is set" in lines[0] and "local folder" in lines[0]
+
+
+@pytest.mark.parametrize("seeds", ["[/]", "1[red]"])
+def test_error_messages_print_user_text_as_typed(seeds, tmp_path, capsys, monkeypatch):
+    """Rich markup in user text crashed the error printer ('[/]') or vanished ('[red]')."""
+    assert_user_error(cli(["generate", "-p", "x", "--seeds", seeds, "--out", tmp_path / "r"], capsys, monkeypatch),
+                      f"bad seed {seeds!r}")
+
+
+def test_run_names_with_markup_are_printed_as_typed(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "mk[/]ok[red]"
+    code, out, err = cli(["generate", "-p", "a red circle", "--steps", "1", "--out", run, "-q"], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"1 images in {run}" in err and out.strip() == str(run)
+    code, out, err = cli(["export", run], capsys, monkeypatch)
+    assert code == 0 and f"1 samples -> {run / 'samples.jsonl'}" in out
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--scale", "nan", "guidance parameter 'scale' must be a finite number (got nan)"),
+    ("--scale", "inf", "must be a finite number (got inf)"),
+    ("--scale", "1e400", "must be a finite number (got inf)"),
+    ("--guidance-param", "scale=NaN", "must be a finite number (got nan)"),
+    ("--guidance-param", "scale=" + "9" * 5000, "bad --guidance-param 'scale'"),
+    ("--height", "1000000000", "bad value 1000000000 for --height"),
+    ("--width", "4", "bad value 4 for --width"),
+    ("--steps", "-1", "bad value -1 for --steps"),
+])
+def test_numeric_options_are_validated_before_any_work(flag, value, fragment, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "r"
+    assert_user_error(cli(["generate", "-p", "x", flag, value, "--out", run], capsys, monkeypatch), fragment)
+    assert not run.exists()
+
+
+def test_undecodable_argument_bytes(tmp_path, capsys, monkeypatch):
+    bad = os.fsdecode(b"caf\xe9")  # what Python makes of a non-UTF-8 argv byte: a surrogate escape
+    assert_user_error(cli(["generate", "-p", bad, "--out", tmp_path / "r"], capsys, monkeypatch),
+                      "argument 'caf\\udce9' is not valid UTF-8 text")
+
+
+@pytest.fixture
+def finished_run(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    res = CliRunner().invoke(app, ["generate", "-p", "a red circle", "--steps", "1", "--out", str(run), "-q"])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+@pytest.mark.parametrize("where", ["under_file", "proc", "existing_dir"])
+def test_unwritable_out_paths(where, finished_run, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    out = {"under_file": tmp_path / "afile" / "o.jsonl", "proc": "/proc/diffprobe-test/o.jsonl",
+           "existing_dir": tmp_path / "adir"}[where]
+    reason = {"under_file": "is not a directory", "proc": "No such file or directory",
+              "existing_dir": "it is a directory"}[where]
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
+    scores = tmp_path / "s.json"
+    scores.write_text(json.dumps({"metric": "scs", "per_prompt": [{"prompt": f"p{i}", "scs": i} for i in range(6)]}))
+    for args in (["export", finished_run], ["score", "irs", tmp_path / "f.npy", "--train", tmp_path / "f.npy"],
+                 ["compare", scores, scores, "--n-boot", "100"]):
+        assert_user_error(cli([*args, "--out", out], capsys, monkeypatch), f"cannot write {out} (", reason)
+    if where != "existing_dir":  # an existing folder is where a run may go
+        assert_user_error(cli(["generate", "-p", "x", "--out", out], capsys, monkeypatch), f"cannot write {out} (")
+
+
+def test_cli_lists_the_commands_that_exist():
+    from diffprobe.cli import COMMANDS, app
+
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert names == {"generate", "export", "doctor", "score", "compare"}
+    assert all(callable(module.register) for module in COMMANDS)
+
+
+def test_score_commands_share_their_options():
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    helps = {m: CliRunner().invoke(app, ["score", m, "--help"], env={"COLUMNS": "300"}).output
+             for m in ("scs", "irs", "clip")}
+    for shared in ("--device", "--batch-size", "--strict", "--guidance", "--no-cache", "--cache-dir", "--out"):
+        assert all(shared in h for h in helps.values()), shared
+    assert all("Do not read or write the feature cache." in h for h in helps.values())

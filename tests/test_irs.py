@@ -204,7 +204,7 @@ def test_cli_irs_with_npy_features(tmp_path):
     assert data["synthetic"]["n_sampled"] == 120 and data["adjusted"]["snth"]["n_chunks"] == 2
     assert data["retrieval"]["metric"] == "euclidean" and "one-sided" in data["bounds"]
     res = runner.invoke(app, ["score", "irs", str(tmp_path / "bad.npy"), "--train", str(tmp_path / "train.npy")])
-    assert res.exit_code != 0 and "dimension" in str(res.exception)
+    assert res.exit_code == 2 and "dimension" in res.output
 
 
 def test_score_irs_on_image_folders(tmp_path):

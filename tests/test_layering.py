@@ -9,11 +9,6 @@ import diffprobe
 
 SRC = Path(diffprobe.__file__).resolve().parent  # src/diffprobe
 
-# Imports of private names that exist today and are being made public elsewhere; empty this list once they are.
-KNOWN_PRIVATE_IMPORTS: set[str] = {
-    "commands/score.py: from diffprobe.metrics.images import _run_samples",
-}
-
 
 def modules(package: Path):
     for path in sorted(package.rglob("*.py")):
@@ -69,8 +64,5 @@ def private_imports() -> set[str]:
 
 
 def test_no_module_imports_another_modules_private_names():
-    found = private_imports()
-    new = sorted(found - KNOWN_PRIVATE_IMPORTS)
-    assert new == [], "private names imported across modules (make them public):\n" + "\n".join(new)
-    fixed = sorted(KNOWN_PRIVATE_IMPORTS - found)
-    assert fixed == [], "no longer imported; remove from KNOWN_PRIVATE_IMPORTS:\n" + "\n".join(fixed)
+    found = sorted(private_imports())
+    assert found == [], "private names imported across modules (make them public):\n" + "\n".join(found)

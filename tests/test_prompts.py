@@ -152,3 +152,61 @@ def test_shapes_suite_missing_hook(monkeypatch):
     monkeypatch.delattr(shapes, "prompts", raising=False)
     with pytest.raises(InputError, match="shapes world is not available"):
         load_prompts("shapes-eval")
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\x1c", "\x85", "\x00"])
+def test_txt_lines_end_at_newline_only_and_control_characters_are_refused(tmp_path, separator):
+    f = tmp_path / "p.txt"
+    f.write_text(f"a cat\r\na red{separator}cube\n", encoding="utf-8")  # str.splitlines made two prompts of line 2
+    with pytest.raises(InputError, match="p.txt line 2: the prompt holds the control character '\\\\[xu]"):
+        read_prompt_file(f)
+
+
+def test_txt_windows_line_endings_and_tabs_are_kept(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"a cat\r\na\tdog\r\n")
+    assert [p.text for p in read_prompt_file(f)] == ["a cat", "a\tdog"]
+
+
+def test_file_of_nul_bytes_is_not_a_prompt(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="p.txt line 1: the prompt holds the control character '\\\\x00'"):
+        read_prompt_file(f)
+
+
+def test_csv_cells_may_hold_line_separators_only_in_quotes(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text('prompt,tag\n"a cat\non a mat",x\na dog,y\n')
+    with pytest.raises(InputError, match="p.csv line 3: the prompt holds the control character '\\\\n'"):
+        read_prompt_file(f)
+    f.write_text("prompt,tag\na\u2028cat,x\n", encoding="utf-8")  # splitlines cut this row in two
+    with pytest.raises(InputError, match="p.csv line 2: the prompt holds the control character"):
+        read_prompt_file(f)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("dup.csv", b"prompt,prompt\na,b\n", "column\\(s\\) 'prompt' more than once"),
+        ("dup.tsv", b"prompt\tx\tx\na\t1\t2\n", "column\\(s\\) 'x' more than once"),
+        ("big.csv", b"prompt\n" + b"a" * 200_000 + b"\n", "big.csv line [0-9]+: field larger than field limit"),
+        ("deep.json", b"[" * 100_000 + b"]" * 100_000, "deep.json: JSON nested too deeply"),
+        ("deep.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "line 1: JSON nested too deeply"),
+        ("digits.json", b"[" + b"1" * 5000 + b"]", "digits.json: invalid JSON"),
+        ("np.jsonl", b'{"prompt": "x", "noun_phrases": 5}\n', "line 1: 'noun_phrases' must be a string"),
+        ("np.json", b'[{"prompt": "x", "noun_phrases": ["a", 1]}]', "np.json \\[0\\]: 'noun_phrases' must be"),
+        ("latin1.csv", "prompt\ncaf\u00e9\n".encode("latin-1"), "is not UTF-8 text"),
+    ],
+)
+def test_hostile_prompt_files(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_prompt_file(f)
+
+
+def test_noun_phrases_as_string_or_list_are_kept(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "x", "noun_phrases": "a; b"}\n{"prompt": "y", "noun_phrases": ["c"]}\n')
+    assert [p.meta["noun_phrases"] for p in read_prompt_file(f)] == ["a; b", ["c"]]

@@ -236,4 +236,4 @@ def test_cli_scs_and_bad_input(tmp_path, monkeypatch):
     assert 0 <= data["summary"]["mean"] <= 100
     assert (tmp_path / "cache" / "features.sqlite").is_file()
     res = runner.invoke(app, ["score", "scs", str(tmp_path / "missing")])
-    assert res.exit_code != 0 and "does not exist" in str(res.exception)
+    assert res.exit_code == 2 and "does not exist" in res.output

@@ -155,3 +155,85 @@ def test_bad_spec_files(tmp_path, content, message):
     f.write_text(content)
     with pytest.raises(InputError, match=message):
         load_spec_file(f)
+
+
+@pytest.mark.parametrize("text", ["²", "①", "٣", "0-٣", "1,²", "scs100:²", "١٢"])
+def test_seeds_take_ascii_digits_only(text):
+    # str.isdigit and re's \d accept these; int() then crashes ('²') or silently reads '٣' as 3
+    with pytest.raises(InputError, match="bad seed|unknown seed list"):
+        parse_seeds(text)
+
+
+@pytest.mark.parametrize("text", ["9" * 5000, "0-" + "9" * 5000, "scs100:" + "9" * 5000, "9" * 20])
+def test_seeds_past_the_int_digit_limit_are_out_of_range(text):
+    with pytest.raises(InputError, match="out of range"):
+        parse_seeds(text)
+
+
+def test_seed_file_takes_ascii_integers_and_utf8_only(tmp_path):
+    f = tmp_path / "seeds.txt"
+    f.write_text("1\n٣\n", encoding="utf-8")
+    with pytest.raises(InputError, match="one integer per line \\(found '٣'\\)"):
+        parse_seeds(f"@{f}")
+    f.write_bytes(b"1\n\xff\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        parse_seeds(f"@{f}")
+    f.write_text("9" * 5000)
+    with pytest.raises(InputError, match="out of range"):
+        parse_seeds(f"@{f}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), [1.0, float("nan")]])
+def test_guidance_parameters_must_be_finite(value):
+    with pytest.raises(ValueError, match="guidance parameter 'scale' must be a finite number"):
+        GuidanceSpec(params={"scale": value})
+
+
+def test_sampler_sizes_are_bounded():
+    with pytest.raises(ValueError, match="less than or equal to 16384"):
+        SamplerSpec(height=10**9)
+
+
+def test_flags_and_spec_files_share_one_builder(tmp_path):
+    from diffprobe.spec import build_spec, load_spec_file
+
+    f = tmp_path / "run.yaml"
+    f.write_text("model: {name: m, dtype: fp32}\nprompts: [a cat, a dog]\nseeds: 0-2\n"
+                 "sampler: {steps: 3, height: 16}\nguidance: {name: cfg, scale: 2.5}\n")
+    from_file = load_spec_file(f)[0]
+    from_flags = build_spec({"model": {"name": "m", "dtype": "fp32"}, "prompts": ["a cat", "a dog"], "seeds": "0-2",
+                             "sampler": {"steps": 3, "height": 16},
+                             "guidance": {"name": "cfg", "params": {"scale": 2.5}}})
+    assert from_flags[0] == from_file
+    with pytest.raises(InputError, match="^bad value 0 for --steps: Input should be greater than or equal to 1$"):
+        build_spec({"prompts": ["a"], "sampler": {"steps": 0}})
+    with pytest.raises(InputError, match="^guidance parameter 'scale' must be a finite number \\(got nan\\)$"):
+        build_spec({"prompts": ["a"], "guidance": {"params": {"scale": float("nan")}}})
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"prompts: [a]\nguidance: [1, 2]\n", "'guidance' must be a mapping"),
+        (b"prompts: [a]\nsampler: 5\n", "'sampler' must be a mapping"),
+        (b"prompts: [a]\nmodel: [x]\n", "'model' must be a mapping"),
+        (b"prompts: [a]\nseeds: {a: 1}\n", "'seeds' must be a list of integers"),
+        (b"prompts: [a]\nseeds: true\n", "'seeds' must be a list of integers"),
+        (b"prompts: [a]\nsampler: {steps: [1]}\n", "sampler.steps: Input should be a valid integer"),
+        (b"prompts: [a]\nsampler: {height: 1.0e+400}\n", "sampler.height"),
+        (b"prompts: [a]\nguidance: {scale: .nan}\n", "guidance: guidance parameter 'scale' must be a finite number"),
+        (b"prompts: [a]\nguidance: {name: 1}\n", "guidance.name: Input should be a valid string"),
+        (b"prompts: [a]\nmodel: ''\n", "model.name: String should have at least 1 character"),
+        (b'prompts: ["a\\0b"]\n', "the prompt holds the control character '\\\\x00'"),
+        (b"prompts: [a]\nseeds: " + b"9" * 5000 + b"\n", "spec file"),
+        (b"prompts: " + b"[" * 20_000 + b"]" * 20_000 + b"\n", "nested too deeply"),
+        (b"prompts: [caf\xe9]\n", "is not UTF-8 text"),
+    ],
+)
+def test_spec_files_of_the_wrong_shape(tmp_path, content, message):
+    from diffprobe.spec import load_spec_file
+
+    f = tmp_path / "run.yaml"
+    f.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_spec_file(f)

@@ -94,12 +94,12 @@ def test_cli_compare(tmp_path):
     # different prompt texts (a LoRA trigger word) pair only by order
     c = _result_json(tmp_path / "c.json", base.tolist(), prompts=[f"prompt {i} in the style of TOK" for i in range(50)])
     res = runner.invoke(app, ["compare", str(a), str(c), "--out", str(out)])
-    assert res.exit_code != 0 and "prompt sets differ" in str(res.exception)
+    assert res.exit_code == 2 and "prompt sets differ" in res.output
     res = runner.invoke(app, ["compare", str(a), str(c), "--pair-by", "order", "--out", str(out), "--n-boot", "200"])
     assert res.exit_code == 0, res.output
     e = _result_json(tmp_path / "e.json", base.tolist(), embedder_id="other")
     res = runner.invoke(app, ["compare", str(a), str(e), "--out", str(out)])
-    assert res.exit_code != 0 and "different embedders" in str(res.exception)
+    assert res.exit_code == 2 and "different embedders" in res.output
 
 
 def test_cli_compare_two_folders_scores_them(tmp_path, monkeypatch):

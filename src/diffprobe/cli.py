@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-import importlib
+import functools
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import exit_on_user_error
+from .commands import compare, doctor, export, generate, score
+from .errors import InputError, exit_on_user_error
+
+
+class DiffprobeGroup(TyperGroup):
+    """The top-level command: a user error prints one line and exits 2 wherever the app runs (console script,
+    ``python -m``, typer's CliRunner), and every argument must be text."""
+
+    def main(self, *args, **kwargs):
+        exit_on_user_error(functools.partial(super().main, *args, **kwargs))
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        for arg in args:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:  # surrogate escapes: bytes that were not UTF-8 on the command line
+                raise InputError(f"argument {ascii(arg)} is not valid UTF-8 text; retype it, or rename the file "
+                                 "it names") from None
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
     name="diffprobe",
@@ -14,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=DiffprobeGroup,
 )
 
 
@@ -29,21 +50,14 @@ def options(
     set_verbose(verbose)
 
 
-# Modules under diffprobe.commands that define ``register(app)``; missing ones are skipped.
-COMMAND_MODULES = ["generate", "export", "doctor", "score", "compare", "seeds", "report", "audit"]
-
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"diffprobe.commands.{_name}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"diffprobe.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+# Every command, explicitly: a new command module defines ``register(app)`` and is added here.
+COMMANDS = (generate, export, doctor, score, compare)
+for _command in COMMANDS:
+    _command.register(app)
 
 
 def main() -> None:
-    exit_on_user_error(app)
+    app()
 
 
 if __name__ == "__main__":

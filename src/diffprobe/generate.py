@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from .console import message
 from .errors import InputError, StorageError
 from .guidance import Guider, make_guider
 from .models.base import ModelAdapter
@@ -158,7 +158,7 @@ def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Cons
     try:
         stored = store.spec
         if len(store) == 0 and stored is not None and stored != spec:
-            console.print(f"note: {store.root} held no images yet; its settings are replaced", highlight=False)
+            console.print(message(f"note: {store.root} held no images yet; its settings are replaced"))
             store.set_meta("spec", spec.model_dump(mode="json"))
             store.set_meta("config", None)
         else:
@@ -168,7 +168,7 @@ def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Cons
         store.close()
         raise
     if report:
-        console.print(f"[yellow]{escape(str(store.root))}:[/] {report}", highlight=False)
+        console.print(message(f"{store.root}: {report}", "repaired"))
     return store, report
 
 
@@ -241,7 +241,7 @@ def generate(
         if store is None:
             store = create_run(out, spec, new=new)
             if store.moved_aside is not None:
-                console.print(f"moved the previous contents of {store.root} to {store.moved_aside}", highlight=False)
+                console.print(message(f"moved the previous contents of {store.root} to {store.moved_aside}"))
         store.check_config(config)
         store.add_prompts((text, metas[text]) for text in spec.prompts)
         done_keys = store.keys()
@@ -324,9 +324,9 @@ def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunS
             for job, was_truncated in zip(batch, truncated, strict=True):
                 if was_truncated and job.prompt not in warned:
                     warned.add(job.prompt)
-                    bar.console.print(f"[yellow]warning:[/] prompt longer than the text encoder's limit "
-                                      f"({adapter.token_limit} tokens) was truncated (recorded as truncated): "
-                                      f"{job.prompt[:80]!r}", highlight=False)
+                    bar.console.print(message(f"prompt longer than the text encoder's limit ({adapter.token_limit} "
+                                              f"tokens) was truncated (recorded as truncated): {job.prompt[:80]!r}",
+                                              "warning:"))
             items = [NewSample(key=j.key, prompt=j.prompt, seed=j.seed, image=img, guidance=config["guidance"],
                                provenance=provenance, records=rec, truncated=bool(tr))
                      for j, img, rec, tr in zip(batch, out.images, records, truncated, strict=True)]

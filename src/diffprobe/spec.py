@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InputError
 
+if TYPE_CHECKING:
+    from .prompts import Prompt
+
 GeneratorDevice = Literal["cpu", "cuda"]
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts signed 64-bit seeds
+MAX_SIZE = 16_384  # pixels per side; far beyond any released checkpoint, and a typo's 10**9 fails at once
 
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "shapes"  # hub id, local folder, or a built-in name
+    name: str = Field("shapes", min_length=1)  # hub id, local folder, or a built-in name
     family: str | None = None  # None: detected from the model's config
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU
     device: str | None = None  # None: cuda > mps > cpu (not part of the job key)
@@ -35,8 +41,8 @@ class SamplerSpec(BaseModel):
 
     steps: int | None = Field(None, ge=1, le=10_000)  # None: the model's recommended count (else 50)
     scheduler: str | None = None  # None: the checkpoint's own
-    height: int | None = Field(None, ge=8)  # None: the model's default size
-    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8, le=MAX_SIZE)  # None: the model's default size
+    width: int | None = Field(None, ge=8, le=MAX_SIZE)
     generator_device: GeneratorDevice = "cpu"
 
 
@@ -45,6 +51,16 @@ class GuidanceSpec(BaseModel):
 
     name: str = "cfg"
     params: dict[str, Any] = Field(default_factory=lambda: {"scale": 7.5})
+
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # NaN or infinity makes black images and cannot be stored as JSON; no guider parameter means it.
+        for key, value in flatten(params).items():
+            for number in value if isinstance(value, list) else [value]:
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ValueError(f"guidance parameter {key!r} must be a finite number (got {number})")
+        return params
 
 
 class RunSpec(BaseModel):
@@ -114,8 +130,10 @@ def job_key(identity: dict[str, Any], prompt: str, seed: int, sampler: dict[str,
 
 # --- seeds -----------------------------------------------------------------------------------------------
 
-_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-_NAMED = re.compile(r"^([a-z][a-z0-9_]*)(?::(\d+))?$")
+# ASCII digits only: str.isdigit and re's \d also accept '²', '①' and '٣', which int() reads differently or not at all.
+_RANGE = re.compile(r"^([0-9]+)\s*-\s*([0-9]+)$")
+_NAMED = re.compile(r"^([a-z][a-z0-9_]*)(?::([0-9]+))?$")
+_INTEGER = re.compile(r"^[0-9]+$")
 
 
 def check_seeds(seeds: list[int]) -> None:
@@ -130,6 +148,14 @@ def check_seeds(seeds: list[int]) -> None:
         seen.add(s)
 
 
+def seed_int(digits: str) -> int:
+    """ASCII digits as a seed; more digits than any seed has is out of range (and int() has a digit limit)."""
+    if len(digits) > len(str(MAX_SEED)):
+        shown = digits if len(digits) <= 30 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise InputError(f"seed {shown} is out of range; seeds must be integers in 0..{MAX_SEED}")
+    return int(digits)
+
+
 def parse_seeds(text: str) -> list[int]:
     """Parse ``0-19``, ``1,5,9``, ``0-4,10``, ``@seeds.txt`` (one integer a line) or a named list (``scs100``,
     ``scs100:50``: the SCS paper's seed file, first 20 by default as in the paper). Order is kept."""
@@ -138,21 +164,21 @@ def parse_seeds(text: str) -> list[int]:
         raise InputError("empty --seeds; use e.g. --seeds 0-19 or --seeds 1,5,9")
     if text.startswith("@"):
         seeds = _seeds_from_file(Path(text[1:]))
-    elif (m := _NAMED.match(text)) and not text[0].isdigit():
-        seeds = _named_seeds(m.group(1), int(m.group(2)) if m.group(2) else None)
+    elif m := _NAMED.match(text):
+        seeds = _named_seeds(m.group(1), seed_int(m.group(2)) if m.group(2) else None)
     else:
         seeds = []
         for part in text.split(","):
             part = part.strip()
             if m := _RANGE.match(part):
-                lo, hi = int(m.group(1)), int(m.group(2))
+                lo, hi = seed_int(m.group(1)), seed_int(m.group(2))
                 if hi < lo:
                     raise InputError(f"bad seed range {part!r}: the end is below the start (write {hi}-{lo})")
                 if hi - lo >= 10_000_000:
                     raise InputError(f"seed range {part!r} has {hi - lo + 1} seeds; that is too many for one run")
                 seeds.extend(range(lo, hi + 1))
-            elif part.isdigit():
-                seeds.append(int(part))
+            elif _INTEGER.match(part):
+                seeds.append(seed_int(part))
             else:
                 raise InputError(
                     f"bad seed {part!r} in --seeds {text!r}; use a range like 0-19, a list like 1,5,9, "
@@ -164,13 +190,15 @@ def parse_seeds(text: str) -> list[int]:
 
 def _seeds_from_file(path: Path) -> list[int]:
     try:
-        lines = path.read_text().split()
+        words = path.read_text(encoding="utf-8").split()
     except OSError as err:
         raise InputError(f"cannot read seed file {path}: {err.strerror}") from None
-    try:
-        return [int(x) for x in lines]
-    except ValueError:
-        raise InputError(f"seed file {path} must hold one integer per line") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"seed file {path} is not UTF-8 text (byte {err.start}); it must hold one integer per "
+                         "line") from None
+    if bad := next((w for w in words if not _INTEGER.match(w)), None):
+        raise InputError(f"seed file {path} must hold one integer per line (found {bad[:20]!r})")
+    return [seed_int(w) for w in words]
 
 
 def _named_seeds(name: str, n: int | None) -> list[int]:
@@ -179,12 +207,82 @@ def _named_seeds(name: str, n: int | None) -> list[int]:
     return builtin_seeds(name, n)
 
 
-# --- YAML spec files ---------------------------------------------------------------------------------------
+# --- building a RunSpec: the CLI flags and YAML spec files share one builder ---------------------------------
 
 SPEC_KEYS = {"model", "prompts", "seeds", "sampler", "guidance"}
+# The flag that sets each field, for messages about values that came from the command line.
+FLAGS = {"model.name": "--model", "model.family": "--family", "model.dtype": "--dtype", "model.device": "--device",
+         "sampler.steps": "--steps", "sampler.scheduler": "--scheduler", "sampler.height": "--height",
+         "sampler.width": "--width", "sampler.generator_device": "--generator-device", "guidance.name": "--guidance"}
 
 
-def load_spec_file(path: str | Path) -> tuple[RunSpec, list[Any], int]:
+def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tuple[RunSpec, list[Prompt], int]:
+    """The RunSpec for ``data``, the prompts with their metadata, and how many repeated prompts were dropped.
+
+    ``data`` holds the keys of a spec file (``model``: a name or mapping; ``prompts``: a list, a file or a suite;
+    ``seeds``: a list or the ``--seeds`` forms; ``sampler`` and ``guidance``: mappings of those specs' fields).
+    ``spec_file`` is the file they came from: prompt files are found relative to it and errors name its fields
+    (``spec file run.yaml: sampler.steps: ...``); without it the values came from the flags, and errors name the
+    flag (``bad value 0 for --steps: ...``)."""
+    from .prompts import Prompt, check_prompt, load_prompts, unique
+
+    def error(text: str) -> InputError:
+        return InputError(f"spec file {spec_file}: {text}" if spec_file is not None else text)
+
+    if unknown := sorted(map(str, set(data) - SPEC_KEYS)):
+        raise error(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}")
+    raw_prompts = data.get("prompts")
+    if isinstance(raw_prompts, list) and raw_prompts:
+        if not all(isinstance(p, str) and p.strip() for p in raw_prompts):
+            raise error("'prompts' must be a list of non-empty strings, a file or a suite" if spec_file is not None
+                        else "--prompt must not be empty")
+        items = [Prompt(check_prompt(p, "--prompt" if spec_file is None else f"spec file {spec_file}: prompt"))
+                 for p in raw_prompts]
+        source = None
+    elif isinstance(raw_prompts, str) and raw_prompts:
+        local = spec_file.parent / raw_prompts if spec_file is not None else Path(raw_prompts)
+        source = str(local) if local.exists() else raw_prompts
+        items = load_prompts(source)
+    elif spec_file is not None:
+        raise error("'prompts' is required (a suite name, a file, or a list of prompts)")
+    else:
+        raise error("no prompts: give --prompt TEXT (repeatable) or --prompts FILE|SUITE")
+    items, dropped = unique(items)
+    seeds = data.get("seeds", "0")
+    if isinstance(seeds, list):
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise error("'seeds' must be a list of integers or a string like 0-19")
+        check_seeds(seeds)
+    elif isinstance(seeds, str | int) and not isinstance(seeds, bool):
+        seeds = parse_seeds(str(seeds))
+    else:
+        raise error("'seeds' must be a list of integers or a string like 0-19")
+    fields = {key: {} if data.get(key) is None else data[key] for key in ("model", "sampler", "guidance")}
+    if isinstance(fields["model"], str):
+        fields["model"] = {"name": fields["model"]}
+    for key, value in fields.items():
+        if not isinstance(value, Mapping):
+            raise error(f"'{key}' must be a mapping of its settings (got {_short(value)})")
+    try:
+        spec = RunSpec.model_validate({**fields, "prompts": [p.text for p in items], "seeds": seeds,
+                                       "prompt_source": source})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        msg = first["msg"].removeprefix("Value error, ")
+        if spec_file is not None:
+            raise error(f"{where.removesuffix('.params')}: {msg}") from None
+        flag = FLAGS.get(where)
+        raise error(f"bad value {_short(first.get('input'))} for {flag}: {msg}" if flag else msg) from None
+    return spec, items, dropped
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_spec_file(path: str | Path) -> tuple[RunSpec, list[Prompt], int]:
     """Read a run spec from YAML; returns the spec, its prompts (``diffprobe.prompts.Prompt``, with metadata) and
     how many repeated prompts were dropped::
 
@@ -195,56 +293,26 @@ def load_spec_file(path: str | Path) -> tuple[RunSpec, list[Any], int]:
         guidance: {name: cfg, scale: 7.5}           # every key but name is a guider parameter
     """
     import yaml
-    from pydantic import ValidationError
-
-    from .prompts import Prompt, load_prompts, unique
 
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise InputError(f"cannot read spec file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"spec file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise InputError(f"spec file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:
+        raise InputError(f"spec file {path}: nested too deeply to be a run spec") from None
+    except ValueError as err:  # e.g. an integer past Python's digit limit
+        raise InputError(f"spec file {path}: {err}") from None
     if not isinstance(data, dict):
         raise InputError(f"spec file {path} must be a mapping with keys: {', '.join(sorted(SPEC_KEYS))}")
-    if unknown := sorted(set(data) - SPEC_KEYS):
-        raise InputError(f"spec file {path}: unknown key(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(sorted(SPEC_KEYS))}")
-    raw_prompts = data.get("prompts")
-    if isinstance(raw_prompts, list):
-        if not all(isinstance(p, str) and p.strip() for p in raw_prompts):
-            raise InputError(f"spec file {path}: 'prompts' must be a list of non-empty strings, a file or a suite")
-        items, source = [Prompt(p.strip()) for p in raw_prompts], None
-    elif isinstance(raw_prompts, str):
-        local = path.parent / raw_prompts
-        source = str(local) if local.exists() else raw_prompts
-        items = load_prompts(source)
-    else:
-        raise InputError(f"spec file {path}: 'prompts' is required (a suite name, a file, or a list of prompts)")
-    items, dropped = unique(items)
-    seeds = data.get("seeds", "0")
-    if isinstance(seeds, list):
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise InputError(f"spec file {path}: 'seeds' must be a list of integers or a string like 0-19")
-        check_seeds(seeds)
-    else:
-        seeds = parse_seeds(str(seeds))
-    model = data.get("model", {})
-    guidance = dict(data.get("guidance") or {})
-    try:
-        spec = RunSpec(
-            model=ModelSpec(name=model) if isinstance(model, str) else ModelSpec(**model),
-            prompts=[p.text for p in items],
-            seeds=seeds,
-            sampler=SamplerSpec(**(data.get("sampler") or {})),
-            guidance=GuidanceSpec(name=guidance.pop("name", "cfg"), params=guidance or {"scale": 7.5}),
-            prompt_source=source,
-        )
-    except (ValidationError, TypeError) as err:
-        detail = err.errors()[0] if isinstance(err, ValidationError) else None
-        msg = (f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}" if detail else str(err))
-        raise InputError(f"spec file {path}: {msg}") from None
-    return spec, items, dropped
+    guidance = data.get("guidance")
+    if isinstance(guidance, Mapping):  # {name: cfg, scale: 7.5}: every key but name is a guider parameter
+        params = {k: v for k, v in guidance.items() if k != "name"}
+        data = {**data, "guidance": {"name": guidance.get("name", "cfg"), **({"params": params} if params else {})}}
+    return build_spec(data, spec_file=path)

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ..errors import InputError
+from ..console import message
+from ..errors import InputError, check_writable
 from ..metrics.provenance import provenance, write_json
 from ..metrics.stats import PAIR_BY, compare_scores, load_result, scores_from_result
 
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
         """Wilcoxon signed-rank, two-sample KS, bootstrap CI of the mean difference and effect sizes (B - A)."""
         if pair_by not in PAIR_BY:
             raise InputError(f"--pair-by must be one of {', '.join(PAIR_BY)}")
+        check_writable(out)
         ra, rb = (_result(p, embedder, weights, device, strict) for p in (a, b))
         metric_a, sa, undef_a = scores_from_result(ra, pair_by)
         metric_b, sb, undef_b = scores_from_result(rb, pair_by)
@@ -76,13 +78,12 @@ def register(app: typer.Typer) -> None:
         write_json(result, out)
         d, w, ks = result["difference"], result["wilcoxon"], result["ks_2samp"]
         ci, dz, rb = d["bootstrap_ci"], result["effect_size"]["cohens_dz"], result["effect_size"]["rank_biserial"]
-        console.print(
+        console.print(message(
             f"{metric_a}: A {result['A']['mean']:.2f} +- {result['A']['sd']:.2f}, B {result['B']['mean']:.2f} +- "
             f"{result['B']['sd']:.2f} over {result['n_pairs']} paired prompts\n"
             f"B - A: mean {d['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] ({ci['confidence']:.0%} bootstrap CI), "
             f"B higher on {d['b_higher']}, A higher on {d['a_higher']}\n"
             f"Wilcoxon p = {w['p']:.3g}; KS p = {ks['p']:.3g}; Cohen's d_z = "
-            f"{'n/a' if dz is None else format(dz, '.3f')}; rank-biserial r = {rb:.3f}",
-            highlight=False,
-        )
-        console.print(f"wrote {out}")
+            f"{'n/a' if dz is None else format(dz, '.3f')}; rank-biserial r = {rb:.3f}"
+        ))
+        console.print(message(f"wrote {out}"))

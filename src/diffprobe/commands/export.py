@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, writing
 
 FORMATS = ("jsonl", "parquet")
 SCORES_DIR = "scores"  # where 'diffprobe score' writes RUN/scores/<metric>.json by default
@@ -76,10 +76,8 @@ def export_run(run_dir: Path, fmt: str | None = None, out: Path | None = None) -
                 extra[sample.key]["scores"] = {name: scores.get(sample.key, {}).get(name) for name in names}
         if check := store.check():
             notes.append(check.note())
-        try:
+        with writing(out):
             rows = store.export_jsonl(out, extra) if fmt == "jsonl" else store.export_parquet(out, extra)
-        except OSError as err:
-            raise InputError(f"cannot write {out} ({err.strerror or err})") from None
     return out, rows, notes
 
 

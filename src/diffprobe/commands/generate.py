@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
-from ..errors import InputError
-from ..prompts import Prompt, load_prompts, unique
-from ..spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec, canonical_json, load_spec_file, parse_seeds
+from ..console import message
+from ..errors import InputError, check_writable
+from ..prompts import Prompt
+from ..spec import RunSpec, build_spec, canonical_json, load_spec_file
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -29,47 +29,34 @@ def parse_params(items: list[str]) -> dict[str, Any]:
             params[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             params[key.strip()] = value
+        except (ValueError, RecursionError):  # an integer past Python's digit limit, or absurd nesting
+            raise InputError(f"bad --guidance-param {key.strip()!r}: the value is too long or nested too deeply "
+                             "to be a parameter") from None
     return params
 
 
-def build_spec(*, model: str, family: str | None, dtype: str | None, device: str | None, prompt: list[str],
-               prompts_file: str | None, seeds: str, steps: int | None, scheduler: str | None, height: int | None,
-               width: int | None, generator_device: str, guidance: str, scale: float | None,
-               guidance_param: list[str], concepts: str | None) -> tuple[RunSpec, list[Prompt], int]:
-    """The RunSpec for the CLI flags, the prompts with their metadata, and how many repeated prompts were dropped."""
+def spec_from_flags(*, model: str, family: str | None, dtype: str | None, device: str | None, prompt: list[str],
+                    prompts_file: str | None, seeds: str, steps: int | None, scheduler: str | None,
+                    height: int | None, width: int | None, generator_device: str, guidance: str,
+                    scale: float | None, guidance_param: list[str],
+                    concepts: str | None) -> tuple[RunSpec, list[Prompt], int]:
+    """The RunSpec for the CLI flags, the prompts with their metadata, and how many repeated prompts were dropped
+    (the flags become a spec file's mapping, and the spec file's builder makes the spec)."""
     if prompt and prompts_file:
         raise InputError("give either --prompt (repeatable) or --prompts FILE, not both")
-    if prompt:
-        if any(not p.strip() for p in prompt):
-            raise InputError("--prompt must not be empty")
-        items = [Prompt(p.strip()) for p in prompt]
-        source = None
-    elif prompts_file:
-        items = load_prompts(prompts_file)
-        source = str(prompts_file)
-    else:
-        raise InputError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE|SUITE")
-    items, dropped = unique(items)
     params = parse_params(guidance_param)
     if scale is not None:
         params.setdefault("scale", scale)
     if concepts is not None:
         params.update(_concept_params(concepts))
-    try:
-        spec = RunSpec(
-            model=ModelSpec(name=model, family=family, dtype=dtype, device=device),
-            prompts=[p.text for p in items],
-            seeds=parse_seeds(seeds),
-            sampler=SamplerSpec(steps=steps, scheduler=scheduler, height=height, width=width,
-                                generator_device=generator_device),
-            guidance=GuidanceSpec(name=guidance, params=params),
-            prompt_source=source,
-        )
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = "--" + str(first["loc"][-1]).replace("_", "-")
-        raise InputError(f"bad value {first.get('input')!r} for {flag}: {first['msg']}") from None
-    return spec, items, dropped
+    return build_spec({
+        "model": {"name": model, "family": family, "dtype": dtype, "device": device},
+        "prompts": prompt or prompts_file,
+        "seeds": seeds,
+        "sampler": {"steps": steps, "scheduler": scheduler, "height": height, "width": width,
+                    "generator_device": generator_device},
+        "guidance": {"name": guidance, "params": params},
+    })
 
 
 def _concept_params(value: str) -> dict[str, Any]:
@@ -149,7 +136,7 @@ def register(app: typer.Typer) -> None:
             if device is not None:  # the device is a property of this machine, not of the run
                 spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": device})})
         else:
-            spec, items, dropped = build_spec(
+            spec, items, dropped = spec_from_flags(
                 model=model, family=family, dtype=dtype, device=device, prompt=prompt, prompts_file=prompts,
                 seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
                 generator_device=generator_device, guidance=guidance, scale=scale, guidance_param=guidance_param,
@@ -158,18 +145,18 @@ def register(app: typer.Typer) -> None:
             console.print(f"note: {dropped} repeated prompt(s) appear once in the run", highlight=False)
         if new and extend:
             raise InputError("--new and --extend exclude each other")
-        run_dir = out or default_out(spec)
+        run_dir = check_writable(out or default_out(spec), directory=True)
         try:
             result = generate(spec, run_dir, prompts=items, batch_size=batch_size, max_model_batch=max_model_batch,
                               new=new, extend=extend, repair=repair,
                               console=console, progress=not quiet)
         except KeyboardInterrupt:
-            console.print(f"interrupted: finished images are kept in {run_dir}; run the same command to resume",
-                          highlight=False)
+            console.print(message(f"interrupted: finished images are kept in {run_dir}; run the same command to "
+                                  "resume"))
             sys.exit(130)
         rate = f" at {result.images_per_second:.2f} images/s" if result.generated else ""
-        console.print(f"{result.generated} generated{rate}, {result.skipped} already there; "
-                      f"{result.total} images in {result.run_dir}", highlight=False)
+        console.print(message(f"{result.generated} generated{rate}, {result.skipped} already there; "
+                              f"{result.total} images in {result.run_dir}"))
         if result.truncated_prompts:
             console.print(f"{len(result.truncated_prompts)} prompt(s) were truncated to the text encoder's limit "
                           "(column 'truncated')", highlight=False)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..console import message
 from ..embed import FeatureCache
+from ..errors import check_writable
 from ..metrics.provenance import write_json
 
 score_app = typer.Typer(
@@ -20,6 +23,26 @@ EMBEDDER_HELP = (
     "auto, clip-vit-b32 (other CLIP hub ids or local CLIP folders), efficientnet-lite0, "
     "swav or inception (both with --weights FILE)"
 )
+
+# The options every metric command shares, defined once (each command adds its own --out help, see out_option).
+Weights = Annotated[Path | None, typer.Option(help="Local weights file (swav, inception).")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
+BatchSize = Annotated[int, typer.Option(min=1)]
+Strict = Annotated[bool, typer.Option(help="Fail on unreadable or non-image files instead of skipping them.")]
+Guidance = Annotated[str | None, typer.Option(help="Score only this guidance variant of a run.")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")]
+CacheDir = Annotated[
+    Path | None, typer.Option(help="Feature cache directory (default: run dir or $DIFFPROBE_CACHE).")
+]
+
+
+def out_option(metric: str) -> typer.models.OptionInfo:
+    return typer.Option(help=f"Output JSON (default: RUN/scores/{metric}.json or ./<folder>_{metric}.json).")
+
+
+def _target(out: Path | None, default: Path) -> Path:
+    """Where the result goes, checked before any work (a bad --out must not cost an embedding pass)."""
+    return check_writable(out if out is not None else default)
 
 
 def _default_out(path: Path, metric: str) -> Path:
@@ -61,37 +84,40 @@ class _Bar:
 def _report(result: dict, out: Path) -> None:
     write_json(result, out)
     emb = result.get("embedder", {})
-    console.print(f"embedder: {emb.get('name')} ({emb.get('weights', '')})", highlight=False)
+    console.print(message(f"embedder: {emb.get('name')} ({emb.get('weights', '')})"))
     if emb.get("note"):
-        console.print(f"[yellow]note:[/] {emb['note']}", highlight=False)
+        console.print(message(emb["note"], "note:"))
     skipped = result.get("input", {}).get("skipped", {}).get("count", 0)
     if skipped:
         console.print(f"[yellow]skipped {skipped} unreadable or non-image file(s)[/] (--strict to fail instead)")
+    for note in result.get("input", {}).get("notes", []):  # a run's missing or extra files
+        console.print(message(note, "note:"))
     for w in result.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    console.print(f"wrote {out}")
+        console.print(message(w, "warning:"))
+    console.print(message(f"wrote {out}"))
 
 
 @score_app.command("scs")
 def scs_cmd(
     path: Path = typer.Argument(..., help="Run directory, or folder grouped per prompt (manifest or subfolders)."),
     embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
-    weights: Path | None = typer.Option(None, help="Local weights file (swav, inception)."),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-    batch_size: int = typer.Option(64, min=1),
-    out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/scs.json or ./<folder>_scs.json)."),
+    weights: Weights = None,
+    device: Device = None,
+    batch_size: BatchSize = 64,
+    out: Annotated[Path | None, out_option("scs")] = None,
     n_boot: int = typer.Option(200, min=1, help="Random subsets per repetition count in the sensitivity curve."),
     seed: int = typer.Option(0, help="Seed of the sensitivity bootstrap."),
     sensitivity: bool = typer.Option(True, help="Compute the SCS-vs-repetitions curve."),
     no_clamp: bool = typer.Option(False, "--no-clamp", help="Do not clamp negative cosines to 0 (not the paper's)."),
-    strict: bool = typer.Option(False, help="Fail on unreadable or non-image files instead of skipping them."),
-    guidance: str | None = typer.Option(None, help="Score only this guidance variant of a run."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
-    cache_dir: Path | None = typer.Option(None, help="Feature cache directory (default: run dir or $DIFFPROBE_CACHE)."),
+    strict: Strict = False,
+    guidance: Guidance = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Semantic Consistency Score per prompt, mean +- SD, and a sensitivity curve over repetitions."""
     from ..metrics.scs import score_scs
 
+    target = _target(out, _default_out(path, "scs"))
     with _Bar() as progress:
         result = score_scs(
             path,
@@ -122,7 +148,7 @@ def scs_cmd(
             f"{sens['suggested_n'] or 'more than the available'} repetitions (projected: {sens['projected_n']})",
             highlight=False,
         )
-    _report(result, out or _default_out(path, "scs"))
+    _report(result, target)
 
 
 @score_app.command("irs")
@@ -133,22 +159,23 @@ def irs_cmd(
     embedder: str = typer.Option(
         "auto", help="auto (swav with --weights, else efficientnet-lite0) or " + EMBEDDER_HELP
     ),
-    weights: Path | None = typer.Option(None, help="Local weights file (swav, inception)."),
-    device: str | None = typer.Option(None),
-    batch_size: int = typer.Option(64, min=1),
+    weights: Weights = None,
+    device: Device = None,
+    batch_size: BatchSize = 64,
     metric: str = typer.Option("euclidean", help="Retrieval distance: euclidean on raw features (paper) or cosine."),
     alpha_e: float = typer.Option(0.05, min=1e-6, max=0.5, help="One-sided error of each bound."),
     seed: int = typer.Option(42, help="Seed of subsampling, chunking and the train split."),
     backend: str = typer.Option("torch", help="Nearest-neighbour backend: torch (chunked) or faiss."),
-    out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/irs.json or ./<folder>_irs.json)."),
-    strict: bool = typer.Option(False, help="Fail on unreadable or non-image files instead of skipping them."),
-    guidance: str | None = typer.Option(None, help="Score only this guidance variant of a synthetic run."),
-    no_cache: bool = typer.Option(False, "--no-cache"),
-    cache_dir: Path | None = typer.Option(None),
+    out: Annotated[Path | None, out_option("irs")] = None,
+    strict: Strict = False,
+    guidance: Guidance = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Image Retrieval Score: IRS_alpha, IRS-inf with one-sided bounds, and IRS-inf,a against --test."""
     from ..metrics.irs import score_irs
 
+    target = _target(out, Path("irs.json") if path.suffix == ".npy" else _default_out(path, "irs"))
     with _Bar() as progress:
         result = score_irs(
             path,
@@ -181,24 +208,25 @@ def irs_cmd(
             f"over {a['snth']['n_chunks']} chunk(s)",
             highlight=False,
         )
-    _report(result, out or (Path("irs.json") if path.suffix == ".npy" else _default_out(path, "irs")))
+    _report(result, target)
 
 
 @score_app.command("clip")
 def clip_cmd(
     path: Path = typer.Argument(..., help="Run directory, or folder with prompt texts (manifest or prompt.txt)."),
     model: str = typer.Option("clip-vit-b32", help="CLIP hub id, alias (clip-vit-b32/b16/l14) or local folder."),
-    device: str | None = typer.Option(None),
-    batch_size: int = typer.Option(64, min=1),
-    out: Path | None = typer.Option(None, help="Output JSON (default: RUN/scores/clip.json or ./<folder>_clip.json)."),
-    strict: bool = typer.Option(False),
-    guidance: str | None = typer.Option(None),
-    no_cache: bool = typer.Option(False, "--no-cache"),
-    cache_dir: Path | None = typer.Option(None),
+    device: Device = None,
+    batch_size: BatchSize = 64,
+    out: Annotated[Path | None, out_option("clip")] = None,
+    strict: Strict = False,
+    guidance: Guidance = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
 ) -> None:
     """CLIP score (100 * max(cos, 0), text vs image) per prompt, and CLIP R-precision."""
     from ..metrics.clipscore import score_clip
 
+    target = _target(out, _default_out(path, "clip"))
     with _Bar() as progress:
         result = score_clip(
             path,
@@ -222,7 +250,7 @@ def clip_cmd(
             f"[yellow]{len(result['truncated_prompts'])} prompt(s) truncated to "
             f"{result['truncated_prompts'][0]['max_tokens']} tokens[/]"
         )
-    _report(result, out or _default_out(path, "clip"))
+    _report(result, target)
 
 
 def register(app: typer.Typer) -> None:

