@@ -32,6 +32,7 @@ class ImageItem:
     prompt: str | None = None  # prompt text, when known
     seed: int | None = None
     sha256: str | None = None
+    sampler: dict | None = None  # the run's sampler settings (steps, scheduler, size, ...), for runs only
 
 
 @dataclass
@@ -57,6 +58,12 @@ class ImageSet:
 
     def prompt_texts(self) -> dict[str, str | None]:
         return {item.group: item.prompt for item in self.items if item.group is not None}
+
+    def generation(self) -> dict:
+        """What made the images, as far as they record it: the distinct seeds and sampler settings."""
+        seeds = sorted({it.seed for it in self.items if it.seed is not None})
+        samplers = {json.dumps(it.sampler, sort_keys=True) for it in self.items if it.sampler is not None}
+        return {"seeds": seeds or None, "sampler": [json.loads(s) for s in sorted(samplers)] or None}
 
     def summary(self) -> dict:
         return {
@@ -122,7 +129,8 @@ def _from_run(path: Path, samples, guidance: str | None) -> list[ImageItem]:
             f"{path} holds {len(variants)} guidance variants ({', '.join(names)}); pick one with --guidance NAME"
         )
     return [
-        ImageItem(Path(s.image_path), group=s.prompt, prompt=s.prompt, seed=s.seed, sha256=s.image_sha256)
+        ImageItem(Path(s.image_path), group=s.prompt, prompt=s.prompt, seed=s.seed, sha256=s.image_sha256,
+                  sampler=s.provenance.get("sampler"))
         for s in samples
     ]
 

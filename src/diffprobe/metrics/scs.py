@@ -206,6 +206,7 @@ def score_scs(
         "scale": scale,
         "clamp_negative": clamp,
         "input": images.summary(),
+        "generation": images.generation(),  # seeds and sampler settings, which compare checks between sides
         "embedder": embedder.describe(),
         "summary": summarize(list(defined.values())),
         "normality": normality(list(defined.values())),
