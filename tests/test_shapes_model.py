@@ -122,14 +122,15 @@ def test_training_continues_from_a_trained_folder(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from diffprobe.errors import InputError
-    from diffprobe.worlds.shapes.train import _examples_seen, train
+    from diffprobe.worlds.shapes.record import examples_seen
+    from diffprobe.worlds.shapes.train import train
 
     first = train(tmp_path / "a", seed=1, vae_steps=2, steps=3, batch=2, device="cpu", workers=0, log_every=1)
     second = train(tmp_path / "b", seed=2, steps=2, batch=4, device="cpu", workers=0, log_every=1,
                    init=tmp_path / "a" / "weights", warmup=1, ema_decay=0.5)
     assert second["vae_steps"] == 0 and second["init"]["unet_steps"] == 3
     assert second["vae_scaling_factor"] == first["vae_scaling_factor"]  # the autoencoder is reused as is
-    assert second["data_offset"] == 3 * 2 and _examples_seen(second) == 3 * 2 + 2 * 4
+    assert second["data_offset"] == 3 * 2 and examples_seen(second) == 3 * 2 + 2 * 4
     rows = list(csv.DictReader(open(tmp_path / "b" / "loss.csv")))
     assert [r["phase"] for r in rows] == ["unet", "unet"]
     a = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "weights" / "unet").state_dict()
@@ -148,13 +149,14 @@ def test_replay_trains_the_recorded_chain_again_and_resumes(tmp_path, monkeypatc
     from diffusers import UNet2DConditionModel
 
     from diffprobe.worlds.shapes import train as training
+    from diffprobe.worlds.shapes.record import chain
 
     train = training.train
     train(tmp_path / "a", seed=1, vae_steps=2, steps=3, batch=2, device="cpu", workers=0, log_every=1)
     record = train(tmp_path / "b", seed=2, steps=2, batch=4, lr=1e-3, device="cpu", workers=0, log_every=1,
                    init=tmp_path / "a" / "weights", warmup=1, ema_decay=0.5)
     last = training.replay(record, tmp_path / "again", device="cpu", workers=0, log_every=1)
-    assert [r["unet_steps"] for r in training.chain(last)] == [3, 2]
+    assert [r["unet_steps"] for r in chain(last)] == [3, 2]
     assert last["lr"] == 1e-3 and last["ema_decay"] == 0.5 and last["data_offset"] == record["data_offset"]
     original = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "weights" / "unet").state_dict()
     replayed = UNet2DConditionModel.from_pretrained(tmp_path / "again" / "run2" / "weights" / "unet").state_dict()
@@ -171,3 +173,28 @@ def test_replay_trains_the_recorded_chain_again_and_resumes(tmp_path, monkeypatc
     monkeypatch.setattr(training, "train", lambda folder, *a, **k: trained.append(folder.name) or {})
     training.replay(record, tmp_path / "again", device="cpu", workers=0)
     assert trained == ["run1", "run2"]
+
+
+def test_loss_log_rows_average_one_phase_each(tmp_path, capsys):
+    from diffprobe.worlds.shapes.train import LossLog
+
+    log = LossLog(tmp_path / "loss.csv", every=2)
+    for phase, step, loss in [("vae", 1, 1.0), ("vae", 2, 3.0), ("vae", 3, 100.0), ("unet", 1, 5.0), ("unet", 2, 7.0)]:
+        log.add(phase, step, torch.tensor(loss))
+    log.close()
+    rows = list(csv.DictReader(open(tmp_path / "loss.csv")))
+    assert [(r["phase"], r["step"], float(r["loss"])) for r in rows] == [("vae", "2", 2.0), ("unet", "2", 6.0)]
+    assert capsys.readouterr().out.startswith("vae 2: 2.00000 (")
+
+
+def test_shapes_modules_import_without_a_cycle():
+    """The evaluation does not need the trainer, and the trainer builds its card without the evaluation."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib; importlib.import_module('diffprobe.worlds.shapes.{0}');"
+            "print('diffprobe.worlds.shapes.{1}' in sys.modules)")
+    for module, other in (("evaluate", "train"), ("train", "evaluate")):
+        out = subprocess.run([sys.executable, "-c", code.format(module, other)], check=True, capture_output=True,
+                             text=True).stdout
+        assert out.strip() == "False", (module, other)

@@ -139,3 +139,184 @@ def test_cli_compare_two_folders_scores_them(tmp_path, monkeypatch):
     assert data["metric"] == "scs" and data["n_pairs"] == 3
     assert data["embedder"]["name"] == "efficientnet-lite0"
     assert [p["prompt"] for p in data["pairs"]] == ["prompt0", "prompt1", "prompt2"]
+
+
+# --- score JSONs built by hand: pairing, undefined scores, settings, malformed inputs ------------------------------
+
+
+def _write(path, rows, metric="scs", **extra):
+    path.write_text(json.dumps({"metric": metric, "embedder": {"id": "emb"}, "per_prompt": rows, **extra}))
+    return path
+
+
+def _rows(values, texts=None, n_images=20, metric="scs"):
+    texts = texts or [f"prompt {i}" for i in range(len(values))]
+    return [{"prompt_id": f"id{i}", "prompt": t, "n_images": n_images, metric: v}
+            for i, (t, v) in enumerate(zip(texts, values, strict=True))]
+
+
+def _compare(tmp_path, a, b, *options):
+    from diffprobe.cli import app
+
+    out = tmp_path / "cmp.json"
+    res = CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(out), "--n-boot", "200", *options])
+    return res, (json.loads(out.read_text()) if res.exit_code == 0 else None)
+
+
+def test_repeated_prompt_texts_are_refused_when_pairing_by_text(tmp_path):
+    # two prompts share a text: pairing by text used to keep only the later one (n 6 -> 5)
+    texts = ["a red cube", "a blue ball", "a red cube", "a green cone", "a tall tree", "a small dog"]
+    a = _write(tmp_path / "a.json", _rows([80.0, 81.0, 82.0, 83.0, 84.0, 85.0], texts))
+    b = _write(tmp_path / "b.json", _rows([81.0, 83.0, 85.0, 87.0, 89.0, 91.0], texts))
+    res, _ = _compare(tmp_path, a, b)
+    assert isinstance(res.exception, InputError)
+    message = str(res.exception)
+    assert "'a red cube' (ids id0, id2)" in message and "--pair-by id" in message
+    res, data = _compare(tmp_path, a, b, "--pair-by", "id")
+    assert res.exit_code == 0, res.output
+    assert data["n_pairs"] == 6
+    assert [(p["prompt"], p["A"], p["B"]) for p in data["pairs"]][:3] == [("id0", 80.0, 81.0), ("id1", 81.0, 83.0),
+                                                                          ("id2", 82.0, 85.0)]
+    assert data["difference"]["mean"] == pytest.approx(3.5)
+    # pairing by position keeps repeats apart too
+    res, data = _compare(tmp_path, a, b, "--pair-by", "order")
+    assert res.exit_code == 0 and data["n_pairs"] == 6
+
+
+def test_undefined_scores_are_refused_or_dropped(tmp_path):
+    rows_a = _rows([80.0, None, 82.0, 83.0, 84.0, 85.0, 86.0])
+    rows_a[1]["n_images"] = 1
+    a = _write(tmp_path / "a.json", rows_a)
+    b = _write(tmp_path / "b.json", _rows([81.0, 90.0, 84.0, 86.0, 88.0, 90.0, 92.0]))
+    res, _ = _compare(tmp_path, a, b)
+    assert isinstance(res.exception, InputError)
+    assert "undefined for 1 paired prompt(s) of A and 0 of B" in str(res.exception)
+    assert "'prompt 1'" in str(res.exception) and "--drop-undefined" in str(res.exception)
+    res, data = _compare(tmp_path, a, b, "--drop-undefined")
+    assert res.exit_code == 0, res.output
+    assert data["n_pairs"] == 6 and data["dropped"]["undefined"] == 1
+    assert "prompt 1" not in [p["prompt"] for p in data["pairs"]]
+    assert data["difference"]["mean"] == pytest.approx(np.mean([1, 2, 3, 4, 5, 6]))
+    assert "left out 1 prompt(s) with an undefined score: 'prompt 1'" in " ".join(res.output.split())
+    # the dropped single-image prompt does not count as an images-per-prompt difference
+    assert data["warnings"] == []
+
+
+def test_min_attainable_wilcoxon_p_is_exact():
+    from diffprobe.metrics.stats import min_pairs_for, min_wilcoxon_p
+
+    for n in range(1, 9):  # all differences positive: scipy's exact two-sided p is the smallest attainable
+        assert min_wilcoxon_p(n) == pytest.approx(stats.wilcoxon(np.arange(1.0, n + 1)).pvalue)
+    assert min_wilcoxon_p(5) == 0.0625 and min_wilcoxon_p(6) == 0.03125
+    assert min_pairs_for(0.05) == 6 and min_pairs_for(0.0625) == 6 and min_pairs_for(0.01) == 8
+
+
+def test_too_few_prompts_for_significance_warns(tmp_path):
+    a = _write(tmp_path / "a.json", _rows([80.0, 81.0, 82.0, 83.0, 84.0]))
+    b = _write(tmp_path / "b.json", _rows([81.0, 83.0, 85.0, 87.0, 89.0]))
+    res, data = _compare(tmp_path, a, b)
+    assert res.exit_code == 0, res.output
+    assert data["wilcoxon"]["p"] == pytest.approx(0.0625) and data["wilcoxon"]["min_attainable_p"] == 0.0625
+    assert data["warnings"] == [
+        "only 5 paired prompt(s) differ: the Wilcoxon signed-rank test cannot reach p < 0.05 with them (smallest "
+        "possible two-sided p = 0.0625, when every difference has the same sign); compare at least 6 prompts"
+    ]
+    assert "cannot reach p < 0.05" in " ".join(res.output.split())
+    a6 = _write(tmp_path / "a6.json", _rows([80.0, 81.0, 82.0, 83.0, 84.0, 85.0]))
+    b6 = _write(tmp_path / "b6.json", _rows([81.0, 83.0, 85.0, 87.0, 89.0, 91.0]))
+    res, data = _compare(tmp_path, a6, b6)
+    assert data["warnings"] == [] and data["wilcoxon"]["min_attainable_p"] == 0.03125
+
+
+def test_different_seeds_images_and_sampler_settings_warn(tmp_path):
+    sampler = {"steps": 25, "scheduler": "default", "height": 64, "width": 64, "dtype": "float32",
+               "generator_device": "cpu"}
+    values = [80.0, 81.0, 82.0, 83.0, 84.0, 85.0]
+    a = _write(tmp_path / "a.json", _rows(values), generation={"seeds": list(range(20)), "sampler": [sampler]})
+    b = _write(tmp_path / "b.json", _rows([v + 1 for v in values], n_images=10),
+               generation={"seeds": list(range(10)), "sampler": [{**sampler, "steps": 50}]})
+    res, data = _compare(tmp_path, a, b)
+    assert res.exit_code == 0, res.output
+    assert data["warnings"] == [
+        "A and B were generated with different seeds (A: 0-19; B: 0-9); paired prompts compare best over the "
+        "same seeds",
+        "images per prompt differ on 6 of 6 paired prompts (A: 20 (6 prompts); B: 10 (6 prompts)); a score over "
+        "fewer images is noisier: generate the same seeds for both",
+        "A and B were sampled with different settings: steps 25 (A) vs 50 (B)",
+    ]
+    # the same settings on both sides: no warning
+    same = _write(tmp_path / "c.json", _rows([v + 1 for v in values]),
+                  generation={"seeds": list(range(19, -1, -1)), "sampler": [sampler]})
+    res, data = _compare(tmp_path, a, same)
+    assert res.exit_code == 0 and data["warnings"] == []
+
+
+def test_score_scs_records_seeds_and_sampler_of_a_run(tmp_path, monkeypatch):
+    from diffprobe.generate import generate
+    from diffprobe.metrics.scs import score_scs
+    from diffprobe.spec import RunSpec
+
+    spec = RunSpec.model_validate({"model": {"name": "shapes", "device": "cpu"}, "prompts": ["two red circles"],
+                                   "seeds": [3, 1], "sampler": {"steps": 2}})
+    generate(spec, tmp_path / "run", progress=False)
+    result = score_scs(tmp_path / "run", "efficientnet-lite0", device="cpu", sensitivity=False)
+    assert result["generation"]["seeds"] == [1, 3]
+    assert [s["steps"] for s in result["generation"]["sampler"]] == [2]
+    assert result["generation"]["sampler"][0]["height"] == 64
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", "top level: Input should be a valid dictionary"),
+        ('{"metric": "irs", "per_prompt": []}', "metric: Input should be 'scs' or 'clip_score'"),
+        ('{"metric": "scs"}', "per_prompt: Field required"),
+        ('{"metric": "scs", "per_prompt": {"a": 1}}', "per_prompt: Input should be a valid list"),
+        ('{"metric": "scs", "per_prompt": []}', "per_prompt: List should have at least 1 item"),
+        ('{"metric": "scs", "per_prompt": [7]}', "per_prompt[0]: Input should be a valid dictionary"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a"}]}', "per_prompt[0].scs: Field required"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a", "scs": "91.5"}]}',
+         "per_prompt[0].scs: Input should be a valid number (got '91.5')"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a", "scs": true}]}',
+         "per_prompt[0].scs: Input should be a valid number (got True)"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a", "scs": NaN}]}',
+         "per_prompt[0].scs: Input should be a finite number (got nan)"),
+        ('{"metric": "clip_score", "per_prompt": [{"prompt_id": "a", "clip_score": -Infinity}]}',
+         "per_prompt[0].clip_score: Input should be a finite number (got -inf)"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": 3, "scs": 1.0}]}',
+         "per_prompt[0].prompt_id: Input should be a valid string (got 3)"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a", "n_images": "20", "scs": 1.0}]}',
+         "per_prompt[0].n_images: Input should be a valid integer (got '20')"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a", "scs": 1.0}, {"prompt_id": "b", "scs": 2.0}, '
+         '{"prompt_id": "a", "scs": 3.0}]}', "lists prompt id 'a' 2 times (per_prompt rows 0, 2)"),
+        ('{"metric": "scs", "per_prompt": [{"prompt_id": "a", "scs": 1}], "generation": {"seeds": ["0"]}}',
+         "generation.seeds[0]: Input should be a valid integer"),
+        ("[" * 100000 + "]" * 100000, "cannot read score JSON"),
+        ("{not json", "cannot read score JSON"),
+    ],
+)
+def test_malformed_score_json_is_an_input_error(tmp_path, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    good = _write(tmp_path / "good.json", _rows([80.0, 81.0, 82.0]))
+    res, _ = _compare(tmp_path, bad, good)
+    assert isinstance(res.exception, InputError), res.exception
+    assert message in str(res.exception)
+    assert not (tmp_path / "cmp.json").exists()
+
+
+def test_score_json_not_utf8_is_an_input_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"metric": "scs\xff"}')
+    res, _ = _compare(tmp_path, bad, bad)
+    assert isinstance(res.exception, InputError) and "cannot read score JSON" in str(res.exception)
+
+
+def test_one_prompt_by_order_and_overflowing_scores_are_input_errors(tmp_path):
+    one = _write(tmp_path / "one.json", _rows([80.0]))
+    res, _ = _compare(tmp_path, one, one, "--pair-by", "order")
+    assert isinstance(res.exception, InputError) and "at least 2 paired prompts" in str(res.exception)
+    huge = _write(tmp_path / "huge.json", _rows([1e308, -1e308, 1e308]))
+    small = _write(tmp_path / "small.json", _rows([1.0, 2.0, 3.0]))
+    res, _ = _compare(tmp_path, huge, small)
+    assert isinstance(res.exception, InputError) and "too large" in str(res.exception)

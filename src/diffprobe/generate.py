@@ -6,7 +6,6 @@ The same call twice generates nothing the second time; a killed call loses only 
 
 from __future__ import annotations
 
-import platform
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -35,7 +34,10 @@ from .models.base import ModelAdapter
 from .prompts import Prompt
 from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
+from .versions import library_versions
 
+# Recorded with every image, for the record only: job keys never include versions, so upgrades do not regenerate.
+IMAGE_PACKAGES = ("diffprobe", "torch", "diffusers", "transformers")
 SUITE_CONCEPTS = "suite"  # guidance param extractor="suite": concepts from each prompt's suite metadata
 
 
@@ -136,17 +138,6 @@ def batches(jobs: Sequence[Job], guider: Guider, batch_size: int) -> list[list[J
     if current:
         out.append(current)
     return out
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"diffprobe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def open_existing(out: str | Path, spec: RunSpec, *, extend: bool, console: Console,
@@ -283,7 +274,7 @@ def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunS
         "batch_size": batch_size,
         "max_model_batch": max_model_batch,
         "prompt_source": spec.prompt_source,
-        "versions": versions(),
+        "versions": library_versions(IMAGE_PACKAGES, python=True),
     }
     sampler = config["sampler"]
     warned: set[str] = set(result.truncated_prompts)

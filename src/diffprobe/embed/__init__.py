@@ -37,15 +37,23 @@ def get_embedder(
     """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back."""
     note = None
     if name == "auto":
-        from .clip import CLIPEmbedder
+        from .clip import CLIP_ALIASES, CLIPEmbedder, hub_offline
 
         try:  # only what is already in the local Hugging Face cache: auto never waits on the network
             embedder = CLIPEmbedder("clip-vit-b32", device=device, batch_size=batch_size, local_only=True)
         except ModelNotFoundError:
             embedder = get_embedder("efficientnet-lite0", device=device, batch_size=batch_size)
+            hub_id = CLIP_ALIASES["clip-vit-b32"]
+            how = (
+                f"HF_HUB_OFFLINE is set: to score with CLIP, download {hub_id} where the hub is reachable "
+                f"(`hf download {hub_id}`) so it is in the Hugging Face cache, or pass --embedder PATH with a "
+                "local CLIP folder"
+                if hub_offline()
+                else "pass --embedder clip-vit-b32 to download CLIP"
+            )
             note = (
                 "CLIP ViT-B/32 weights are not in the local Hugging Face cache; used efficientnet-lite0 instead, so "
-                "scores are not comparable with CLIP-based ones (pass --embedder clip-vit-b32 to download CLIP)"
+                f"scores are not comparable with CLIP-based ones ({how})"
             )
         embedder.note = note
         return embedder

@@ -21,8 +21,28 @@ CLIP_ALIASES = {
 }
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set, read as huggingface_hub reads it (1, ON, YES, TRUE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+SAVED_FOLDER = "a local folder saved with CLIPModel.save_pretrained (with its tokenizer and image processor)"
+
+
+def weights_hint(source: str, cache_only: bool = False) -> str:
+    """How to make the CLIP weights ``source`` available, in the user's situation (offline, cache only, online).
+    Commands name CLIP by different options, so the hint says what to give in place of ``source``."""
+    if Path(source).is_dir():
+        return f"{source} must be {SAVED_FOLDER}"
+    download = f"`hf download {source}`"
+    instead = f"or give {SAVED_FOLDER} in its place"
+    if hub_offline():
+        return (f"HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache: download it where the hub is "
+                f"reachable ({download}) so it is in the Hugging Face cache, {instead}")
+    if cache_only:
+        return f"it is not in the local Hugging Face cache: download it ({download}), {instead}"
+    return (f"it downloads from the hub on first use: check the id and that huggingface.co is reachable "
+            f"({download} says why not), {instead}")
 
 
 class CLIPEmbedder(Embedder):
@@ -47,16 +67,14 @@ class CLIPEmbedder(Embedder):
         processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
         source = CLIP_ALIASES.get(name_or_path, name_or_path)
-        local_only = local_only or _offline() or Path(source).is_dir()
+        local_only = local_only or hub_offline() or Path(source).is_dir()
         try:
             self.model = CLIPModel.from_pretrained(source, local_files_only=local_only)
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
             processor = processor_cls.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError) as err:
             raise ModelNotFoundError(
-                f"CLIP weights '{source}' are not available ({type(err).__name__}). Give a local folder saved with "
-                "CLIPModel.save_pretrained (with tokenizer and image processor), or a hub id with network access; "
-                "offline, use --embedder efficientnet-lite0"
+                f"CLIP weights '{source}' are not available ({type(err).__name__}): {weights_hint(source, local_only)}"
             ) from err
         self.device = choose_device(device)
         self.dtype = dtype or torch.float32

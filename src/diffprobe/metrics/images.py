@@ -35,6 +35,7 @@ class ImageItem:
     seed: int | None = None
     sha256: str | None = None
     key: str | None = None  # the sample key, for images of a run
+    sampler: dict | None = None  # the run's sampler settings (steps, scheduler, size, ...), for runs only
 
 
 @dataclass
@@ -61,6 +62,12 @@ class ImageSet:
 
     def prompt_texts(self) -> dict[str, str | None]:
         return {item.group: item.prompt for item in self.items if item.group is not None}
+
+    def generation(self) -> dict:
+        """What made the images, as far as they record it: the distinct seeds and sampler settings."""
+        seeds = sorted({it.seed for it in self.items if it.seed is not None})
+        samplers = {json.dumps(it.sampler, sort_keys=True) for it in self.items if it.sampler is not None}
+        return {"seeds": seeds or None, "sampler": [json.loads(s) for s in sorted(samplers)] or None}
 
     def summary(self) -> dict:
         out = {
@@ -142,7 +149,8 @@ def _from_run(path: Path, samples, guidance: str | None) -> list[ImageItem]:
             f"{path} holds {len(variants)} guidance variants ({', '.join(names)}); pick one with --guidance NAME"
         )
     return [
-        ImageItem(Path(s.image_path), group=s.prompt, prompt=s.prompt, seed=s.seed, sha256=s.image_sha256, key=s.key)
+        ImageItem(Path(s.image_path), group=s.prompt, prompt=s.prompt, seed=s.seed, sha256=s.image_sha256, key=s.key,
+                  sampler=s.provenance.get("sampler"))
         for s in samples
     ]
 

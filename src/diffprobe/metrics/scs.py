@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from ..errors import InputError
+from ..errors import InputError, ModelNotFoundError
 
 
 def pair_scores(features: np.ndarray, scale: float = 100.0, clamp: bool = True) -> np.ndarray:
@@ -178,7 +178,13 @@ def score_scs(
     images = load_image_set(path, strict=strict, guidance=guidance)
     groups = images.groups()
     if not isinstance(embedder, Embedder):
-        embedder = get_embedder(embedder, weights=weights, device=device, batch_size=batch_size)
+        try:
+            embedder = get_embedder(embedder, weights=weights, device=device, batch_size=batch_size)
+        except ModelNotFoundError as err:
+            if embedder == "efficientnet-lite0":
+                raise
+            raise ModelNotFoundError(f"{err}; or score with --embedder efficientnet-lite0, which needs no download "
+                                     "(its scores are not comparable with CLIP-based ones)") from None
     features = images.features(embedder, cache=cache, progress=progress)
     per_prompt = scs_per_prompt(features, groups, scale, clamp)
     texts = images.prompt_texts()
@@ -206,6 +212,7 @@ def score_scs(
         "scale": scale,
         "clamp_negative": clamp,
         "input": images.summary(),
+        "generation": images.generation(),  # seeds and sampler settings, which compare checks between sides
         "embedder": embedder.describe(),
         "summary": summarize(list(defined.values())),
         "normality": normality(list(defined.values())),

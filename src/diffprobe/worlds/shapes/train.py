@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,9 +24,12 @@ import torch.nn.functional as F
 
 from ...errors import InputError, exit_on_user_error
 from . import grammar, model
+from .card import model_card
+from .record import chain, examples_seen, same_settings
 from .render import pack, render_packed
 
 MAX_SHAPES = 6
+CAPTION_DROPOUT = 0.1  # captions replaced by "" so that classifier-free guidance works
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -44,12 +48,32 @@ class _Batches(torch.utils.data.Dataset):
         return params, colors, [c for _, c in examples]
 
 
-def _log_loss(writer, log, phase: str, step: int, loss: float, t0: float) -> float:
-    """One row of loss.csv and one progress line; returns the reset running sum."""
-    writer.writerow([phase, step, f"{loss:.6f}", f"{time.time() - t0:.1f}"])
-    log.flush()
-    print(f"{phase} {step}: {loss:.5f} ({time.time() - t0:.0f}s)", flush=True)
-    return 0.0
+class LossLog:
+    """``loss.csv`` (phase, step, mean loss over the last ``every`` steps, elapsed seconds) and a progress line per row.
+
+    Losses are summed on the device and read back only when a row is written: no GPU sync per step.
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.every, self.t0 = every, time.time()
+        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed by close()
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["phase", "step", "loss", "elapsed_s"])
+        self.phase, self.running = "", 0.0
+
+    def add(self, phase: str, step: int, loss: torch.Tensor) -> None:
+        if phase != self.phase:  # a row never mixes the losses of two phases
+            self.phase, self.running = phase, 0.0
+        self.running += loss.detach()
+        if step % self.every == 0:
+            mean, elapsed = float(self.running) / self.every, time.time() - self.t0
+            self.writer.writerow([phase, step, f"{mean:.6f}", f"{elapsed:.1f}"])
+            self.file.flush()
+            print(f"{phase} {step}: {mean:.5f} ({elapsed:.0f}s)", flush=True)
+            self.running = 0.0
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _loader(batch: int, workers: int, offset: int = 0):
@@ -95,14 +119,6 @@ def _cpu_name() -> str:
     return f"CPU {model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def chain(record: dict) -> list[dict]:
-    """The runs behind a training record, first run first (``--init`` links them)."""
-    return (chain(record["init"]) if record.get("init") else []) + [record]
-
-
-_REPLAYED = ("seed", "vae_steps", "unet_steps", "batch", "lr", "warmup", "ema_decay")
-
-
 def replay(record: dict, out: Path, device: str | None = None, workers: int = 8, log_every: int = 50) -> dict:
     """Train every run of a recorded chain again with its recorded settings, into ``out/run1``, ``out/run2``, ...
 
@@ -118,7 +134,7 @@ def replay(record: dict, out: Path, device: str | None = None, workers: int = 8,
         done = folder / "training.json"
         if not retrained and done.is_file() and (folder / "weights" / "model_index.json").is_file():
             info = json.loads(done.read_text())
-            if all(info.get(key) == run[key] for key in _REPLAYED):
+            if same_settings(info, run):
                 print(f"run {k}: {folder} already holds it, kept")
                 init = folder / "weights"
                 continue
@@ -131,11 +147,103 @@ def replay(record: dict, out: Path, device: str | None = None, workers: int = 8,
     return info
 
 
-def _examples_seen(record: dict | None) -> int:
-    """Training examples consumed by phase 2 over a chain of runs."""
-    if record is None:
-        return 0
-    return _examples_seen(record.get("init")) + record["unet_steps"] * record["batch"]
+@dataclass
+class _Device:
+    """Where a run trains: the device, its autocast settings and the run's one random generator."""
+
+    dev: torch.device
+    gen: torch.Generator
+    amp: dict
+
+    @classmethod
+    def make(cls, device: str | None, seed: int) -> _Device:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+        return cls(dev, torch.Generator(dev).manual_seed(seed), amp)
+
+    def pixels(self, params: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+        """Rendered scenes in [-1, 1] on the device."""
+        return render_packed(params.to(self.dev), colors.to(self.dev), model.RESOLUTION) * 2 - 1
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else _cpu_name()
+
+
+def _train_autoencoder(vae, steps: int, batch: int, workers: int, on: _Device, log: LossLog) -> None:
+    """Phase 1: the autoencoder (reconstruction + a whisper of KL, as in latent diffusion)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    data = _loader(batch, workers, offset=10**8)
+    for step in range(1, steps + 1):
+        params, colors, _ = next(data)
+        x = on.pixels(params, colors)
+        with torch.autocast(**on.amp):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(on.gen)).sample.float()
+        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.add("vae", step, loss)
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _calibrate_latents(vae, batch: int, on: _Device) -> float:
+    """Scale latents to unit variance, as Stable Diffusion's scaling_factor does; returns the reconstruction MSE."""
+    params, colors, _ = _Batches(min(1024, 16 * batch), 2 * 10**8)[0]
+    x = on.pixels(params, colors)
+    z = vae.encode(x).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+    return float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1), x))
+
+
+def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, lr: float, warmup: int,
+                    ema_decay: float, parent: dict | None, deadline: float, workers: int, on: _Device,
+                    log: LossLog) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """Phase 2: UNet + text encoder, epsilon loss, 10% caption dropout, EMA. Returns both EMA models and the
+    steps done (fewer than ``steps`` when the deadline passes)."""
+    vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
+    tokenizer, scheduler = model.build_tokenizer(), model.build_scheduler()
+    sf = vae.config.scaling_factor
+    trainable = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    alphas = scheduler.alphas_cumprod.to(on.dev)
+    # A continuation reads the examples after those its parent saw, and its EMA starts from the parent's EMA.
+    data = _loader(batch, workers, offset=examples_seen(parent))
+    done = 0
+    for step in range(1, steps + 1):
+        if time.time() > deadline:
+            break
+        params, colors, captions = next(data)
+        drop = torch.rand(len(captions), generator=on.gen, device=on.dev).cpu() < CAPTION_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        ids = tokenizer(
+            captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids.to(on.dev)
+        with torch.no_grad(), torch.autocast(**on.amp):
+            x = on.pixels(params, colors)
+            z = vae.encode(x).latent_dist.sample(on.gen).float() * sf
+        noise = torch.randn(z.shape, generator=on.gen, device=on.dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=on.gen, device=on.dev)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        with torch.autocast(**on.amp):
+            emb = text_encoder(ids).last_hidden_state
+            pred = unet(zt, t, emb).sample.float()
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        decay = ema_decay if parent else min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        done = step
+        log.add("unet", step, loss)
+    return ema_unet, ema_text, done
 
 
 def train(
@@ -153,102 +261,32 @@ def train(
     warmup: int = 300,
     ema_decay: float = 0.999,
 ) -> dict:
-    """Train from scratch, or with ``init`` (a weights folder) continue phase 2 from it on fresh examples."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    """Train from scratch, or with ``init`` (a weights folder) continue phase 2 from it on fresh examples.
+
+    Writes ``out/weights``, ``out/loss.csv``, ``out/training.json`` and ``out/MODEL_CARD.md``; returns the record.
+    """
+    on = _Device.make(device, seed)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     parent = None
     if init is not None:
         models, parent = _load_init(Path(init))
-        vae_steps = 0
+        vae_steps = 0  # a continuation keeps its parent's autoencoder
     else:
         models = model.build_models(seed)
-    vae, unet, text_encoder = (models[k].to(dev) for k in ("vae", "unet", "text_encoder"))
-    tokenizer = model.build_tokenizer()
-    scheduler = model.build_scheduler()
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    gen = torch.Generator(dev).manual_seed(seed)
-    t0 = time.time()
-    deadline = t0 + max_minutes * 60 if max_minutes else math.inf
-    log = open(out / "loss.csv", "w", newline="")
-    writer = csv.writer(log)
-    writer.writerow(["phase", "step", "loss", "elapsed_s"])
-
-    # Phase 1: autoencoder (reconstruction + a whisper of KL, as in latent diffusion).
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    data = _loader(batch, workers, offset=10**8)
-    running: torch.Tensor | float = 0.0
-    for step in range(1, vae_steps + 1):
-        params, colors, _ = next(data)
-        x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
-        with torch.autocast(**amp):
-            post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample(gen)).sample.float()
-        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.detach()  # read back only when logged: no GPU sync per step
-        if step % log_every == 0:
-            running = _log_loss(writer, log, "vae", step, float(running) / log_every, t0)
-    vae.eval().requires_grad_(False)
-    if parent is None:
-        with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
-            params, colors, _ = _Batches(min(1024, 16 * batch), 2 * 10**8)[0]
-            x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
-            z = vae.encode(x).latent_dist.mode()
-            vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
-            recon_mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1), x))
-    else:
-        recon_mse = parent["vae_recon_mse"]
-    sf = vae.config.scaling_factor
-    vae_seconds = time.time() - t0
-
-    # Phase 2: UNet + text encoder, epsilon loss, 10% caption dropout, EMA.
-    trainable = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    alphas = scheduler.alphas_cumprod.to(dev)
-    # A continuation reads the examples after those its parent saw, and its EMA starts from the parent's EMA.
-    data = _loader(batch, workers, offset=_examples_seen(parent))
-    done = 0
-    running: torch.Tensor | float = 0.0
-    for step in range(1, steps + 1):
-        if time.time() > deadline:
-            break
-        params, colors, captions = next(data)
-        drop = torch.rand(len(captions), generator=gen, device=dev).cpu() < 0.1
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        ids = tokenizer(
-            captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True, return_tensors="pt"
-        ).input_ids.to(dev)
-        with torch.no_grad(), torch.autocast(**amp):
-            x = render_packed(params.to(dev), colors.to(dev), model.RESOLUTION) * 2 - 1
-            z = vae.encode(x).latent_dist.sample(gen).float() * sf
-        noise = torch.randn(z.shape, generator=gen, device=dev)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=gen, device=dev)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        with torch.autocast(**amp):
-            emb = text_encoder(ids).last_hidden_state
-            pred = unet(zt, t, emb).sample.float()
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        decay = ema_decay if parent else min(ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        done = step
-        running += loss.detach()  # read back only when logged: no GPU sync per step
-        if step % log_every == 0:
-            running = _log_loss(writer, log, "unet", step, float(running) / log_every, t0)
-    log.close()
-    total = time.time() - t0
+    models = {k: models[k].to(on.dev) for k in ("vae", "unet", "text_encoder")}
+    vae = models["vae"]
+    log = LossLog(out / "loss.csv", log_every)
+    deadline = log.t0 + max_minutes * 60 if max_minutes else math.inf
+    try:
+        _train_autoencoder(vae, vae_steps, batch, workers, on, log)
+        recon_mse = _calibrate_latents(vae, batch, on) if parent is None else parent["vae_recon_mse"]
+        vae_seconds = time.time() - log.t0
+        ema_unet, ema_text, done = _train_denoiser(models, steps, batch, lr, warmup, ema_decay, parent, deadline,
+                                                   workers, on, log)
+    finally:
+        log.close()
+    total = time.time() - log.t0
     model.save_pipeline(out / "weights", vae.cpu(), ema_unet.cpu(), ema_text.cpu())
     info = {
         "seed": seed,
@@ -259,16 +297,16 @@ def train(
         "lr": lr,
         "warmup": warmup,
         "ema_decay": ema_decay,
-        "caption_dropout": 0.1,
+        "caption_dropout": CAPTION_DROPOUT,
         "max_minutes": max_minutes,
-        "vae_scaling_factor": sf,
+        "vae_scaling_factor": vae.config.scaling_factor,
         "vae_recon_mse": recon_mse,
         "seconds_vae": round(vae_seconds, 1),
         "seconds_total": round(total, 1),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device": on.name(),
         "torch": torch.__version__,
-        "precision": "bf16 autocast" if amp["enabled"] else "fp32",
-        "parameters": model.parameter_counts({"vae": vae, "unet": unet, "text_encoder": text_encoder}),
+        "precision": "bf16 autocast" if on.amp["enabled"] else "fp32",
+        "parameters": model.parameter_counts(models),
         "configs": {
             "vae": model.VAE_CONFIG,
             "unet": model.UNET_CONFIG,
@@ -276,12 +314,10 @@ def train(
             "scheduler": model.SCHEDULER_CONFIG,
         },
         "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
-        "data_offset": _examples_seen(parent),
+        "data_offset": examples_seen(parent),
         "init": parent,
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    from .evaluate import model_card
-
     (out / "MODEL_CARD.md").write_text(model_card(info))  # evaluation: python -m diffprobe.worlds.shapes.evaluate
     return info
 
