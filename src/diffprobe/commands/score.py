@@ -26,7 +26,7 @@ EMBEDDER_HELP = (
 
 # The options every metric command shares, defined once (each command adds its own --out help, see out_option).
 Weights = Annotated[Path | None, typer.Option(help="Local weights file (swav, inception).")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: the best available).")]
 BatchSize = Annotated[int, typer.Option(min=1)]
 Strict = Annotated[bool, typer.Option(help="Fail on unreadable or non-image files instead of skipping them.")]
 Guidance = Annotated[str | None, typer.Option(help="Score only this guidance variant of a run.")]
@@ -59,6 +59,13 @@ def _cache(no_cache: bool, cache_dir: Path | None):
     if cache_dir is not None:
         return FeatureCache.for_location(cache_dir=cache_dir)
     return True  # run store for runs, else $DIFFPROBE_CACHE
+
+
+def _shared(device: str | None, batch_size: int, strict: bool, guidance: str | None, no_cache: bool,
+            cache_dir: Path | None) -> dict:
+    """The keyword arguments of the shared options, as every ``score_*`` function takes them."""
+    return {"device": device, "batch_size": batch_size, "cache": _cache(no_cache, cache_dir), "strict": strict,
+            "guidance": guidance}
 
 
 class _Bar:
@@ -119,21 +126,9 @@ def scs_cmd(
 
     target = _target(out, _default_out(path, "scs"))
     with _Bar() as progress:
-        result = score_scs(
-            path,
-            embedder,
-            weights=weights,
-            device=device,
-            batch_size=batch_size,
-            cache=_cache(no_cache, cache_dir),
-            strict=strict,
-            guidance=guidance,
-            sensitivity=sensitivity,
-            n_boot=n_boot,
-            seed=seed,
-            clamp=not no_clamp,
-            progress=progress,
-        )
+        result = score_scs(path, embedder, weights=weights, sensitivity=sensitivity, n_boot=n_boot, seed=seed,
+                           clamp=not no_clamp, progress=progress,
+                           **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
     s = result["summary"]
     console.print(
         f"SCS over {s['n_prompts']} prompts: mean {s['mean']:.2f} +- {s['sd']:.2f} (population SD), "
@@ -177,23 +172,9 @@ def irs_cmd(
 
     target = _target(out, Path("irs.json") if path.suffix == ".npy" else _default_out(path, "irs"))
     with _Bar() as progress:
-        result = score_irs(
-            path,
-            train,
-            test,
-            embedder=embedder,
-            weights=weights,
-            device=device,
-            batch_size=batch_size,
-            metric=metric,
-            alpha_e=alpha_e,
-            seed=seed,
-            backend=backend,
-            cache=_cache(no_cache, cache_dir),
-            strict=strict,
-            progress=progress,
-            guidance=guidance,
-        )
+        result = score_irs(path, train, test, embedder=embedder, weights=weights, metric=metric, alpha_e=alpha_e,
+                           seed=seed, backend=backend, progress=progress,
+                           **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
     r = result["synthetic"]
     console.print(
         f"synthetic: n={r['n_sampled']} N={r['n_train']} k={r['k_measured']} IRS_alpha={r['irs_alpha']:.4f} "
@@ -228,16 +209,8 @@ def clip_cmd(
 
     target = _target(out, _default_out(path, "clip"))
     with _Bar() as progress:
-        result = score_clip(
-            path,
-            model,
-            device=device,
-            batch_size=batch_size,
-            cache=_cache(no_cache, cache_dir),
-            strict=strict,
-            guidance=guidance,
-            progress=progress,
-        )
+        result = score_clip(path, model, progress=progress,
+                            **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
     s = result["summary"]
     rp = result["r_precision"]
     console.print(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError, exit_on_user_error
+from ...models.loading import choose_device
 from . import grammar, model
 from .card import model_card
 from .record import chain, examples_seen, same_settings
@@ -157,7 +158,7 @@ class _Device:
 
     @classmethod
     def make(cls, device: str | None, seed: int) -> _Device:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = choose_device(device)
         amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
         return cls(dev, torch.Generator(dev).manual_seed(seed), amp)
 
