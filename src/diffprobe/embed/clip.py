@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
+from ..models.libraries import quiet_libraries
 from ..models.loading import choose_device
 from .base import CLIP_MEAN, CLIP_STD, Embedder, Preprocess
 
@@ -69,9 +70,10 @@ class CLIPEmbedder(Embedder):
         source = CLIP_ALIASES.get(name_or_path, name_or_path)
         local_only = local_only or hub_offline() or Path(source).is_dir()
         try:
-            self.model = CLIPModel.from_pretrained(source, local_files_only=local_only)
-            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            processor = processor_cls.from_pretrained(source, local_files_only=local_only)
+            with quiet_libraries(f"CLIP {source}"):  # our progress only; --verbose shows the libraries' output
+                self.model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+                processor = processor_cls.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError) as err:
             raise ModelNotFoundError(
                 f"CLIP weights '{source}' are not available ({type(err).__name__}): {weights_hint(source, local_only)}"
