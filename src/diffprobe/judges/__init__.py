@@ -1,6 +1,7 @@
 """Compositional judges: ``make_judge(name).judge(image, question) -> Verdict``.
 
 Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`).
+Reading free-text answers (strict and ``rrs-substring`` parsers): :mod:`diffprobe.judges.answers`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import InputError
+from .answers import PARSERS, AnswerVerdict, Parser, get_parser, parse_count, parse_yes_no
 from .base import Judge, ObjectSpec, Question, Verdict
 
 _REGISTRY: dict[str, Callable[[], Judge]] = {}
@@ -36,4 +38,5 @@ def available_judges() -> list[str]:
     return sorted(_REGISTRY)
 
 
-__all__ = ["Judge", "ObjectSpec", "Question", "Verdict", "available_judges", "make_judge", "register_judge"]
+__all__ = ["PARSERS", "AnswerVerdict", "Judge", "ObjectSpec", "Parser", "Question", "Verdict", "available_judges",
+           "get_parser", "make_judge", "parse_count", "parse_yes_no", "register_judge"]

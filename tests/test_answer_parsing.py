@@ -1,0 +1,110 @@
+"""The strict answer parser and the reliable-seeds substring rule, on a table of real-looking VLM answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffprobe.errors import InputError
+from diffprobe.judges.answers import PARSERS, get_parser, parse_count, parse_yes_no
+
+# (answer, expected count, strict parse_count, substring rule's verdict for the expected count)
+COUNT_TABLE = [
+    ("There are two groups of three apples.", 3, None, True),
+    ("There are two groups of three apples.", 2, None, True),
+    ("12", 2, 12, True),
+    ("12", 12, 12, True),
+    ("2D shapes", 2, None, True),
+    ("sixteen", 6, 16, True),
+    ("sixteen", 16, 16, True),
+    ("No apples are visible.", 0, 0, False),
+    ("No apples are visible.", 2, 0, False),
+    ("I can see 3.", 3, 3, True),
+    ("three or four", 3, None, True),
+    ("three or four", 4, None, True),
+    ("There is a single apple.", 1, 1, False),
+    ("Two.", 2, 2, True),
+    ("There are 2 apples in this image.", 2, 2, True),
+    ("None.", 0, 0, False),
+    ("There are three apples in this image.", 3, 3, True),
+    ("There are three apples in this image.", 4, 3, False),
+    ("The image shows five bananas on a sunny beach.", 5, 5, True),
+    ("There are 4 cats in the image.", 4, 4, True),
+    ("I count six oranges.", 6, 6, True),
+    ("Six", 6, 6, True),
+    ("6", 6, 6, True),
+    ("There are 3 (three) apples.", 3, 3, True),
+    ("There are three apples. The three apples are red.", 3, 3, True),
+    ("There is an apple.", 1, 1, False),
+    ("There's an apple on the table.", 1, 1, False),
+    ("An apple.", 1, 1, False),
+    ("There is only one dog in this image.", 1, 1, True),
+    ("There is a bowl of apples.", 3, None, False),
+    ("There are several apples in this image.", 3, None, False),
+    ("There are many apples on a snowy mountain.", 4, None, False),
+    ("There are a few apples.", 3, None, False),
+    ("There are at least 3 apples.", 3, None, True),
+    ("More than two apples are visible.", 2, None, True),
+    ("There are 3-4 apples.", 3, None, True),
+    ("There are 2 to 3 apples.", 2, None, True),
+    ("There are 2.5 apples.", 2, None, True),
+    ("No, there are 3 apples.", 3, 3, True),
+    ("No.", 0, 0, False),
+    ("There are no apples in this image.", 0, 0, False),
+    ("There are zero apples.", 0, 0, True),
+    ("There are none.", 0, 0, False),
+    ("THERE ARE FOUR APPLES.", 4, 4, True),
+    ("There are 3D rendered apples, 4 of them.", 4, 4, True),
+    ("There are 3D rendered apples, 4 of them.", 3, 4, True),  # "3" inside "3D"
+    ("Someone placed apples here.", 1, None, True),  # "one" inside "someone": a substring hit, not a count
+    ("The apples are often red.", 10, None, True),  # "ten" inside "often"
+    ("There are twenty apples.", 2, 20, False),  # "twenty" holds neither "two" nor "2"
+    ("There are 1,000 apples.", 1000, 1000, False),  # "1000" is not in "1,000"
+    ("I'm sorry, I cannot determine the number of apples.", 2, None, False),
+    ("", 2, None, False),
+    ("There are 5 apples on 2 plates.", 5, None, True),
+    ("There are seven apples, about seven.", 7, 7, True),
+    ("The image contains a red apple.", 1, 1, False),
+    ("Eleven apples are in the image.", 11, 11, True),
+]
+
+
+def test_table_is_large_enough():
+    assert len({a for a, *_ in COUNT_TABLE}) >= 40
+
+
+@pytest.mark.parametrize(("answer", "expected", "strict", "substring"), COUNT_TABLE)
+def test_count_parsers(answer, expected, strict, substring):
+    assert parse_count(answer) == strict
+    verdict = get_parser("strict").count_verdict(answer, expected)
+    assert verdict.parsed == strict
+    assert verdict.correct == (None if strict is None else strict == expected)
+    assert verdict.unparsed == (strict is None)
+    sub = get_parser("rrs-substring").count_verdict(answer, expected)
+    assert sub.correct is substring
+    assert sub.parsed == (expected if substring else None)
+
+
+YES_NO_TABLE = [
+    ("Yes.", True), ("yes", True), ("Yes, the pineapple is on the left of the monkey.", True),
+    ("**Yes**", True), ("YES!", True), ("No.", False), ("no", False),
+    ("No, the monkey is on the left.", False), ("Nope", False), ("  - No -", False),
+    ("The pineapple is on the left of the monkey.", None), ("Maybe.", None), ("", None),
+    ("I think yes.", None), ("Not really.", None),
+]
+
+
+@pytest.mark.parametrize(("answer", "said"), YES_NO_TABLE)
+def test_yes_no(answer, said):
+    assert parse_yes_no(answer) == said
+    for name in PARSERS:
+        for expected in (True, False):
+            v = get_parser(name).yes_no_verdict(answer, expected)
+            assert v.parsed == said
+            assert v.correct == (None if said is None else said == expected)
+
+
+def test_registry():
+    assert get_parser().name == "strict"
+    assert set(PARSERS) == {"strict", "rrs-substring"}
+    with pytest.raises(InputError, match="rrs-substring"):
+        get_parser("fuzzy")
