@@ -2,6 +2,7 @@
 
 Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`).
 Reading free-text answers (strict and ``rrs-substring`` parsers): :mod:`diffprobe.judges.answers`.
+Questions from prompts (``question_for``, spatial and question-field prompt files): :mod:`diffprobe.judges.questions`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from ..errors import InputError
 from .answers import PARSERS, AnswerVerdict, Parser, get_parser, parse_count, parse_yes_no
 from .base import Judge, ObjectSpec, Question, Verdict
+from .questions import question_for, read_question_prompts, read_spatial_prompts
 
 _REGISTRY: dict[str, Callable[[], Judge]] = {}
 
@@ -39,4 +41,5 @@ def available_judges() -> list[str]:
 
 
 __all__ = ["PARSERS", "AnswerVerdict", "Judge", "ObjectSpec", "Parser", "Question", "Verdict", "available_judges",
-           "get_parser", "make_judge", "parse_count", "parse_yes_no", "register_judge"]
+           "get_parser", "make_judge", "parse_count", "parse_yes_no", "question_for", "read_question_prompts",
+           "read_spatial_prompts", "register_judge"]
