@@ -65,6 +65,10 @@ COUNT_TABLE = [
     ("There are seven apples, about seven.", 7, 7, True),
     ("The image contains a red apple.", 1, 1, False),
     ("Eleven apples are in the image.", 11, 11, True),
+    ("There is not a single apple in this image.", 0, 0, False),
+    ("Not one apple is visible.", 1, 0, True),
+    ("There aren't three apples, I see four.", 4, None, True),
+    ("There are not 3 apples.", 3, None, True),
 ]
 
 

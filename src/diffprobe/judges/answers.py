@@ -3,10 +3,11 @@
 Two parsers share one interface, so one judge can use either (``get_parser(name)``):
 
 * ``strict`` (default) -- :func:`parse_count` reads *the* count of an answer with word boundaries: number words
-  zero..twenty, digits, "no <noun>"/"none" -> 0, "a single"/"one" -> 1, and "a"/"an" -> 1 where it is the count
-  ("There is an apple."). An answer with two different numbers ("two groups of three apples", "three or four"),
-  a vague quantity ("several"), a bound ("at least 3") or no number at all is *unparsed* (``None``): it is counted
-  and shown as such, never silently judged wrong. :func:`parse_yes_no` reads yes/no at the start of an answer.
+  zero..twenty, digits, "no <noun>"/"none" -> 0, "a single"/"one" -> 1, "a"/"an" -> 1 where it is the count
+  ("There is an apple."), "not one"/"not a single" -> 0. An answer with two different numbers ("two groups of
+  three apples", "three or four"), a vague quantity ("several"), a bound ("at least 3"), a negated count ("not
+  three") or no number at all is *unparsed* (``None``): it is counted and shown as such, never silently judged
+  wrong. :func:`parse_yes_no` reads yes/no at the start of an answer.
 * ``rrs-substring`` -- parity with the official reliable-seeds code (``get_top_seeds.analyze_responses``, spec
   ``reliable_seeds.md`` section 2.3 and pitfall P2): an answer is correct iff, lower-cased, it *contains* the
   expected count's word or its digits as a substring ("2" matches "12" and "2D", "six" matches "sixteen",
@@ -92,6 +93,11 @@ def parse_count(text: str) -> int | None:
             continue
         if _is_bound(tokens, i):
             return None
+        before = tokens[i - 1] if i else ""  # "not one", "not a single", "aren't three"
+        if before == "not" or before.endswith("n't"):
+            if value != 1:
+                return None  # "there are not three apples": says what the count is not
+            value = 0  # "not a single apple", "not one apple"
         found.add(value)
     if not found and tokens and tokens[0] == "no" and all(not re.fullmatch(r"[a-z\d]+", t) for t in tokens[1:]):
         return 0  # the whole answer is "No." / "no"
