@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffprobe.errors import InputError
 from diffprobe.judges.answers import PARSERS, get_parser, parse_count, parse_yes_no
@@ -112,3 +114,14 @@ def test_registry():
     assert set(PARSERS) == {"strict", "rrs-substring"}
     with pytest.raises(InputError, match="rrs-substring"):
         get_parser("fuzzy")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.integers(min_value=0, max_value=30))
+def test_any_text_gives_a_verdict_not_an_exception(text, expected):
+    n = parse_count(text)
+    assert n is None or (isinstance(n, int) and n >= 0)
+    assert parse_yes_no(text) in (True, False, None)
+    for parser in PARSERS.values():
+        assert parser.count_verdict(text, expected).correct in (True, False, None)
+        assert parser.yes_no_verdict(text).correct in (True, False, None)

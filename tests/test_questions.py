@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffprobe.errors import InputError
 from diffprobe.judges import ObjectSpec, Question
@@ -207,3 +209,21 @@ def test_question_dict_round_trip():
     q = Question("relation", (ObjectSpec("cat", "red", "big"), ObjectSpec("dog")), relation="below", text="t")
     assert question_for(Prompt("t", {"question": question_dict(q)}))[0] == q
     assert question_for(Prompt("t", {"question": json.loads(json.dumps(question_dict(q)))}))[0] == q
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 30) | st.floats(allow_nan=False) |
+                     st.sampled_from(["count", "relation", "attribute", "apple", "red apple", "under", "left_of", ""]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                         st.sampled_from(["noun", "color", "size", "x"]), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["kind", "objects", "count", "relation", "question", "object",
+                                        "noun_phrases", "nouns"]), _JSON, max_size=5))
+def test_any_meta_gives_a_question_a_reason_or_an_input_error(meta):
+    try:
+        q, reason = question_for(Prompt("p", meta))
+    except InputError:
+        return
+    assert isinstance(reason, str) and reason
+    assert q is None or isinstance(q, Question)

@@ -92,12 +92,21 @@ def object_spec(phrase: str) -> ObjectSpec | None:
     return ObjectSpec(noun, mods[0] if mods else None, size)
 
 
+def _strings(value: Any, field: str, text: str) -> list[str] | None:
+    """A ``"a; b"`` string or a list of strings as a list; None stays None; anything else is an InputError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(";") if v.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    raise InputError(f"prompt {text!r}: {field!r} must be a string ('a red car; a green bench') or a list of "
+                     f"strings, got {value!r}")
+
+
 def _cc500(meta: Mapping[str, Any], text: str) -> tuple[Question | None, str]:
-    phrases, nouns = meta.get("noun_phrases"), meta.get("nouns")
-    if isinstance(phrases, str):
-        phrases = [p.strip() for p in phrases.split(";") if p.strip()]
-    if isinstance(nouns, str):
-        nouns = [n.strip() for n in nouns.split(";") if n.strip()]
+    phrases = _strings(meta.get("noun_phrases"), "noun_phrases", text)
+    nouns = _strings(meta.get("nouns"), "nouns", text)
     if not phrases or len(phrases) < 2:
         return None, f"attribute binding needs two noun phrases; the prompt has {len(phrases or [])}"
     if nouns is not None and len(nouns) != len(phrases):
