@@ -80,6 +80,45 @@ _COLUMNS = {
                 "truncated", "created"},
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Made by the judging writer on first use. One verdict per (image, judge identity, question); ``key`` is the sample
+# key (export joins on it); ``correct`` is 1, 0, or NULL for an answer that did not parse.
+_VERDICTS_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {VERDICTS_TABLE} (
+    image_sha256 TEXT NOT NULL,
+    judge TEXT NOT NULL,        -- canonical JSON of the judge's identity (model, template, parser, decoding)
+    question TEXT NOT NULL,     -- canonical JSON of the question
+    key TEXT NOT NULL,
+    correct INTEGER,
+    answer TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw TEXT,                   -- the raw response (VLM judges)
+    created REAL NOT NULL,
+    PRIMARY KEY (image_sha256, judge, question)
+);
+CREATE INDEX IF NOT EXISTS {VERDICTS_TABLE}_key ON {VERDICTS_TABLE} (key);
+"""
+
+
+def canonical_identity(value: Mapping[str, Any] | str) -> str:
+    """The canonical JSON text of a judge identity or question (sorted keys, no spaces): the verdicts' key."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@dataclass
+class VerdictRow:
+    """One stored verdict: ``correct`` is None when the judge's answer did not parse."""
+
+    key: str
+    image_sha256: str
+    judge: dict[str, Any]
+    question: dict[str, Any]
+    correct: bool | None
+    answer: str = ""
+    reason: str = ""
+    raw: str | None = None
+    created: float = 0.0
 
 
 @dataclass
@@ -592,6 +631,57 @@ class RunStore:
             if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
                 bad.append(key)
         return bad
+
+    # -- verdicts -------------------------------------------------------------------------------------------
+
+    def _has_table(self, name: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM sqlite_master WHERE type='table' AND name = ?", (name,)))
+
+    def _ensure_verdicts(self) -> None:
+        """The writer makes the verdicts table on first use (readers never create it)."""
+        self._require_write()
+        with self._writing(), self._conn:
+            self._conn.executescript(_VERDICTS_SCHEMA)
+
+    def add_verdicts(self, rows: Iterable[VerdictRow]) -> int:
+        """Store verdicts in one transaction (a killed judge keeps every batch committed before); a verdict
+        already stored for the same (image, judge, question) is replaced. Returns the row count."""
+        self._require_write()
+        items = [(r.image_sha256, canonical_identity(r.judge), canonical_identity(r.question), r.key,
+                  None if r.correct is None else int(bool(r.correct)), r.answer, r.reason, r.raw, time.time())
+                 for r in rows]
+        if not items:
+            return 0
+        self._ensure_verdicts()
+        with self._writing(), self._conn:
+            self._conn.executemany(f"INSERT OR REPLACE INTO {VERDICTS_TABLE} (image_sha256, judge, question, key, "
+                                   "correct, answer, reason, raw, created) VALUES (?,?,?,?,?,?,?,?,?)", items)
+        return len(items)
+
+    def judged(self, judge: Mapping[str, Any]) -> set[tuple[str, str]]:
+        """(image sha256, canonical question JSON) pairs that ``judge`` (its identity) has a stored verdict for."""
+        if not self._has_table(VERDICTS_TABLE):
+            return set()
+        return {(sha, q) for sha, q in self._rows(
+            f"SELECT image_sha256, question FROM {VERDICTS_TABLE} WHERE judge = ?", (canonical_identity(judge),))}
+
+    def judge_verdicts(self, judge: Mapping[str, Any]) -> list[VerdictRow]:
+        """Every verdict stored for ``judge`` (its identity), ordered by sample key."""
+        if not self._has_table(VERDICTS_TABLE):
+            return []
+        out = []
+        for sha, jid, q, key, correct, answer, reason, raw, created in self._rows(
+            f"SELECT image_sha256, judge, question, key, correct, answer, reason, raw, created FROM {VERDICTS_TABLE} "
+            "WHERE judge = ? ORDER BY key, question", (canonical_identity(judge),)
+        ):
+            try:
+                judge_obj, question = json.loads(jid), json.loads(q)
+            except (TypeError, ValueError) as err:
+                raise self._broken(f"verdict of sample {key!r}: a JSON column does not parse ({err})") from None
+            out.append(VerdictRow(key=key, image_sha256=sha, judge=judge_obj, question=question,
+                                  correct=None if correct is None else bool(correct), answer=answer or "",
+                                  reason=reason or "", raw=raw, created=created))
+        return out
 
     # -- export ---------------------------------------------------------------------------------------------
 

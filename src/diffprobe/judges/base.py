@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -65,6 +65,11 @@ class Judge(ABC):
 
     @abstractmethod
     def judge(self, image: Image.Image, question: Question) -> Verdict: ...
+
+    def identity(self) -> dict[str, Any]:
+        """What keys this judge's stored verdicts: a judge whose answers could differ (another model, prompt
+        template, answer parser or decoding parameters) must return a different identity. Default: its name."""
+        return {"name": self.name}
 
     def judge_many(self, images: list[Image.Image], questions: list[Question]) -> list[Verdict]:
         from ..errors import InputError

@@ -28,6 +28,17 @@ from ..errors import InputError
 from .scs import normality, summarize
 
 PAIR_BY = ("prompt", "id", "order")
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n`` (z = 1.96: 95 %); (0, 1) when n is 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
 SCORE_KEYS = {"scs": "scs", "clip_score": "clip_score"}  # metric -> the per-prompt row's score field
 ALPHA = 0.05  # the significance level the small-sample warning refers to
 

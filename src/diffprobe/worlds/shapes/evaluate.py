@@ -9,26 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 from ...errors import exit_on_user_error
 from ...judges.base import ObjectSpec, Question
+from ...metrics.stats import wilson
 from .card import model_card
 from .grammar import CATEGORIES, ShapesPrompt, prompts
 from .judge import ShapesJudge, answer, detect
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
