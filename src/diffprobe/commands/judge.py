@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..console import message
 from ..errors import InputError, check_writable, writing
+from ..metrics.provenance import write_json
 from .export import SCORES_DIR
 
 SUMMARY_NAME = "composition"
@@ -107,14 +108,14 @@ def judge_run(run_dir: Path, judge_name: str, *, out: Path | None = None, consol
             if q is None:
                 result.skipped[qjson] += 1
                 continue
-            judged_items.append((s, qjson))
             if (s.image_sha256, qjson) in done:
                 result.already += 1
             elif not s.image_path.is_file():
                 result.skipped["the image file is missing (re-run generate with --repair)"] += 1
-                judged_items.pop()
+                continue
             else:
                 todo.append((s, q, qjson))
+            judged_items.append((s, qjson))
         bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=console, disable=not progress, transient=False)
         with bar:
@@ -145,9 +146,7 @@ def judge_run(run_dir: Path, judge_name: str, *, out: Path | None = None, consol
         result.summary_path = store.root / SCORES_DIR / f"{SUMMARY_NAME}.json"
         per_image = [{"key": r["key"], "prompt": r["prompt"], "seed": r["seed"], "category": r["category"],
                       "score": float(r["correct"])} for r in result.rows if r["correct"] is not None]
-        with writing(result.summary_path) as path:
-            path.write_text(json.dumps({**result.summary, "per_image": per_image}, indent=2, ensure_ascii=False)
-                            + "\n", encoding="utf-8")
+        write_json({**result.summary, "per_image": per_image}, result.summary_path)
     finally:
         store.close()
     return result
