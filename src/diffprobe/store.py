@@ -38,7 +38,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from .errors import InputError, RunMismatchError, StorageError
-from .spec import RunSpec, flatten
+from .spec import RunSpec, canonical_json, flatten
 
 try:  # POSIX advisory locks; elsewhere a single writer is the user's responsibility
     import fcntl
@@ -101,9 +101,7 @@ CREATE INDEX IF NOT EXISTS {VERDICTS_TABLE}_key ON {VERDICTS_TABLE} (key);
 
 def canonical_identity(value: Mapping[str, Any] | str) -> str:
     """The canonical JSON text of a judge identity or question (sorted keys, no spaces): the verdicts' key."""
-    if isinstance(value, str):
-        value = json.loads(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return canonical_json(json.loads(value) if isinstance(value, str) else value)
 
 
 @dataclass
@@ -687,8 +685,7 @@ class RunStore:
 
     def verdicts(self) -> dict[str, list[dict[str, Any]]]:
         """Rows of the ``verdicts`` table by sample key (every column but ``key``); empty when there is none."""
-        tables = {name for (name,) in self._rows("SELECT name FROM sqlite_master WHERE type='table'")}
-        if VERDICTS_TABLE not in tables:
+        if not self._has_table(VERDICTS_TABLE):
             return {}
         try:
             cursor = self._conn.execute(f"SELECT * FROM {VERDICTS_TABLE}")
