@@ -39,6 +39,8 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return (max(0.0, mid - half), min(1.0, mid + half))
+
+
 SCORE_KEYS = {"scs": "scs", "clip_score": "clip_score"}  # metric -> the per-prompt row's score field
 ALPHA = 0.05  # the significance level the small-sample warning refers to
 
