@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..console import message
 from ..errors import InputError, check_writable, writing
+from ..judges.base import Judge
 from ..metrics.provenance import write_json
 from .export import SCORES_DIR
 
@@ -77,7 +78,7 @@ def summarize(rows: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, An
     return {"categories": out, "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped)}
 
 
-def judge_run(run_dir: Path, judge_name: str, *, out: Path | None = None, console: Console | None = None,
+def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
               progress: bool = True, batch_size: int = BATCH) -> JudgeResult:
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
@@ -85,7 +86,8 @@ def judge_run(run_dir: Path, judge_name: str, *, out: Path | None = None, consol
     from ..store import VerdictRow, canonical_identity, open_run
 
     console = console or Console(stderr=True)
-    judge = make_judge(judge_name)
+    if isinstance(judge, str):
+        judge = make_judge(judge)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if out is not None:
@@ -125,7 +127,7 @@ def judge_run(run_dir: Path, judge_name: str, *, out: Path | None = None, consol
                 verdicts = judge.judge_many([s.image() for s, _, _ in batch], [q for _, q, _ in batch])
                 store.add_verdicts(
                     VerdictRow(key=s.key, image_sha256=s.image_sha256, judge=identity, question=json.loads(qjson),
-                               correct=v.correct, answer=v.answer, reason=v.reason, raw=getattr(v, "raw", None))
+                               correct=v.correct, answer=v.answer, reason=v.reason, raw=v.raw)
                     for (s, _, qjson), v in zip(batch, verdicts, strict=True))
                 result.judged += len(batch)
                 bar.advance(task, len(batch))

@@ -14,10 +14,11 @@ from .answers import PARSERS, AnswerVerdict, Parser, get_parser, parse_count, pa
 from .base import Judge, ObjectSpec, Question, Verdict
 from .questions import question_for, read_question_prompts, read_spatial_prompts
 
-_REGISTRY: dict[str, Callable[[], Judge]] = {}
+_REGISTRY: dict[str, Callable[..., Judge]] = {}
 
 
-def register_judge(name: str, factory: Callable[[], Judge]) -> None:
+def register_judge(name: str, factory: Callable[..., Judge]) -> None:
+    """``factory(**options) -> Judge``; options are the judge's own settings (URL, model, thresholds, ...)."""
     _REGISTRY[name] = factory
 
 
@@ -30,10 +31,10 @@ def _shapes() -> Judge:
 register_judge("shapes", _shapes)
 
 
-def make_judge(name: str) -> Judge:
+def make_judge(name: str, **options: object) -> Judge:
     if name not in _REGISTRY:
         raise InputError(f"unknown judge {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+    return _REGISTRY[name](**options)
 
 
 def available_judges() -> list[str]:

@@ -55,9 +55,10 @@ class Question:
 
 @dataclass(frozen=True)
 class Verdict:
-    correct: bool
+    correct: bool | None  # None: the judge answered but its answer did not parse ("unparsed", never counted wrong)
     answer: str  # what the judge saw, short ("2 red circles")
     reason: str  # a sentence a person can check against the image
+    raw: str | None = None  # the judge's full response, for judges that answer in free text (VLMs)
 
 
 class Judge(ABC):
