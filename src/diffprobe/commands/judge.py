@@ -1,10 +1,13 @@
-"""``diffprobe judge RUN --judge shapes``: a compositional verdict per image, stored in the run (resumable).
+"""``diffprobe judge RUN --judge shapes|vlm``: a compositional verdict per image, stored in the run (resumable).
 
 Each sample's question comes from its prompt's metadata (:func:`diffprobe.judges.questions.question_for`); a prompt
 without one is skipped with the reason, never judged wrong. Verdicts are keyed by (image sha256, judge identity,
 question), committed per batch, so a killed judge keeps what it stored and a re-run judges only the rest. Writes
 a per-image JSONL (GenEval-style: key, prompt, seed, category, correct, answer, reason) and a summary per category
 (count N, attribute, each relation) with Wilson 95 % intervals to ``RUN/scores/composition.json``.
+
+``--judge vlm`` asks a vision-language model behind an OpenAI-compatible server (:mod:`diffprobe.judges.vlm`);
+:func:`judge_from_flags` builds the judge from the command-line flags.
 """
 
 from __future__ import annotations
@@ -78,8 +81,13 @@ def summarize(rows: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, An
     return {"categories": out, "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped)}
 
 
+def default_batch_size(judge: Judge) -> int:
+    """Images per judge call: at least :data:`BATCH`, and enough to keep a concurrent judge's requests busy."""
+    return max(BATCH, 4 * int(getattr(judge, "concurrency", 1)))
+
+
 def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
-              progress: bool = True, batch_size: int = BATCH) -> JudgeResult:
+              progress: bool = True, batch_size: int | None = None) -> JudgeResult:
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
     from ..prompts import Prompt
@@ -88,6 +96,7 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
     console = console or Console(stderr=True)
     if isinstance(judge, str):
         judge = make_judge(judge)
+    batch_size = default_batch_size(judge) if batch_size is None else batch_size
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if out is not None:
@@ -166,24 +175,73 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def judge_from_flags(judge: str, *, url: str | None = None, model: str | None = None,
+                     templates: list[str] | None = None, parser: str | None = None, temperature: float | None = None,
+                     max_tokens: int | None = None, concurrency: int | None = None, timeout: float | None = None,
+                     api_key_env: str | None = None) -> Judge:
+    """The judge the command-line flags describe; a flag that the chosen judge does not take is an InputError."""
+    from ..judges import make_judge
+    from ..judges.vlm import parse_template_option
+
+    vlm = {"url": url, "model": model, "parser": parser, "temperature": temperature, "max_tokens": max_tokens,
+           "concurrency": concurrency, "timeout": timeout, "api_key_env": api_key_env,
+           "templates": dict(parse_template_option(t) for t in templates) if templates else None}
+    given = {k: v for k, v in vlm.items() if v is not None}
+    if judge == "vlm":
+        return make_judge("vlm", **given)
+    if given:
+        flags = ", ".join("--" + {"url": "judge-url", "model": "judge-model", "templates": "template"}.get(
+            k, k.replace("_", "-")) for k in given)
+        raise InputError(f"{flags} only apply to --judge vlm (the judge is {judge!r})")
+    return make_judge(judge)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
-        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world)."),
+        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world) "
+                                  "or vlm (a vision-language model behind an OpenAI-compatible server)."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Per-image JSONL (default: "
                                         "RUN/scores/composition.jsonl)."),
-        batch_size: int = typer.Option(BATCH, "--batch-size", "-b", help="Images per judge call (each batch is "
-                                       "committed to the run at once)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per judge call (each batch "
+                                              f"is committed to the run at once; default {BATCH}, or 4 x "
+                                              "--concurrency when that is more)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        # --judge vlm
+        judge_url: str | None = typer.Option(None, "--judge-url", help="vlm: the server's OpenAI-compatible base "
+                                             "URL, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
+                                             "http://127.0.0.1:11434/v1 (Ollama)."),
+        judge_model: str | None = typer.Option(None, "--judge-model", help="vlm: the model name the server "
+                                               "serves (GET /v1/models)."),
+        template: list[str] | None = typer.Option(None, "--template", help="vlm: KIND=NAME or KIND=TEXT, KIND "
+                                                  "count, relation or attribute (e.g. count=number-count, or "
+                                                  "'count=How many {plural} do you see?'); repeatable."),
+        parser: str | None = typer.Option(None, "--parser", help="vlm: answer parser, strict (default) or "
+                                          "rrs-substring (the reliable-seeds code's substring rule)."),
+        temperature: float | None = typer.Option(None, "--temperature", help="vlm: sampling temperature "
+                                                 "(default 0, greedy; the reliable-seeds paper mined with 0.8)."),
+        max_tokens: int | None = typer.Option(None, "--max-tokens", help="vlm: most tokens per answer "
+                                              "(default 300)."),
+        concurrency: int | None = typer.Option(None, "--concurrency", help="vlm: requests in flight at once "
+                                               "(default 8)."),
+        timeout: float | None = typer.Option(None, "--timeout", help="vlm: seconds per request before it is "
+                                             "retried (default 60)."),
+        api_key_env: str | None = typer.Option(None, "--api-key-env", help="vlm: environment variable holding "
+                                               "the API key (default DIFFPROBE_JUDGE_API_KEY)."),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         console = Console(stderr=True)
+        the_judge = judge_from_flags(judge, url=judge_url, model=judge_model, templates=template, parser=parser,
+                                     temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
+                                     timeout=timeout, api_key_env=api_key_env)
         try:
-            result = judge_run(run, judge, out=out, console=console, progress=not quiet, batch_size=batch_size)
+            result = judge_run(run, the_judge, out=out, console=console, progress=not quiet, batch_size=batch_size)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
             sys.exit(130)
+        finally:
+            the_judge.close()
         console.print(message(f"{result.judged} judged, {result.already} already judged, "
                               f"{sum(result.skipped.values())} skipped; per-image verdicts in {result.jsonl}, "
                               f"summary in {result.summary_path}"))

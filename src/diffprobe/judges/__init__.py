@@ -1,6 +1,7 @@
 """Compositional judges: ``make_judge(name).judge(image, question) -> Verdict``.
 
-Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`).
+Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`) and ``vlm`` (a
+vision-language model behind an OpenAI-compatible server, :mod:`diffprobe.judges.vlm`).
 Reading free-text answers (strict and ``rrs-substring`` parsers): :mod:`diffprobe.judges.answers`.
 Questions from prompts (``question_for``, spatial and question-field prompt files): :mod:`diffprobe.judges.questions`.
 """
@@ -29,6 +30,15 @@ def _shapes() -> Judge:
 
 
 register_judge("shapes", _shapes)
+
+
+def _vlm(**options: object) -> Judge:
+    from .vlm import VLMJudge
+
+    return VLMJudge(**options)  # type: ignore[arg-type]
+
+
+register_judge("vlm", _vlm)
 
 
 def make_judge(name: str, **options: object) -> Judge:

@@ -72,6 +72,9 @@ class Judge(ABC):
         template, answer parser or decoding parameters) must return a different identity. Default: its name."""
         return {"name": self.name}
 
+    def close(self) -> None:
+        """Release what the judge holds (connections, models). Default: nothing."""
+
     def judge_many(self, images: list[Image.Image], questions: list[Question]) -> list[Verdict]:
         from ..errors import InputError
 
