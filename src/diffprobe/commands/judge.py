@@ -178,13 +178,13 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 def judge_from_flags(judge: str, *, url: str | None = None, model: str | None = None,
                      templates: list[str] | None = None, parser: str | None = None, temperature: float | None = None,
                      max_tokens: int | None = None, concurrency: int | None = None, timeout: float | None = None,
-                     api_key_env: str | None = None) -> Judge:
+                     retries: int | None = None, api_key_env: str | None = None) -> Judge:
     """The judge the command-line flags describe; a flag that the chosen judge does not take is an InputError."""
     from ..judges import make_judge
     from ..judges.vlm import parse_template_option
 
     vlm = {"url": url, "model": model, "parser": parser, "temperature": temperature, "max_tokens": max_tokens,
-           "concurrency": concurrency, "timeout": timeout, "api_key_env": api_key_env,
+           "concurrency": concurrency, "timeout": timeout, "retries": retries, "api_key_env": api_key_env,
            "templates": dict(parse_template_option(t) for t in templates) if templates else None}
     given = {k: v for k, v in vlm.items() if v is not None}
     if judge == "vlm":
@@ -227,6 +227,9 @@ def register(app: typer.Typer) -> None:
                                                "(default 8)."),
         timeout: float | None = typer.Option(None, "--timeout", help="vlm: seconds per request before it is "
                                              "retried (default 60)."),
+        retries: int | None = typer.Option(None, "--retries", help="vlm: retries of a request that failed with "
+                                           "429, 5xx, a timeout or a dropped connection, with exponential backoff "
+                                           "(default 4)."),
         api_key_env: str | None = typer.Option(None, "--api-key-env", help="vlm: environment variable holding "
                                                "the API key (default DIFFPROBE_JUDGE_API_KEY)."),
     ) -> None:
@@ -234,7 +237,7 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         the_judge = judge_from_flags(judge, url=judge_url, model=judge_model, templates=template, parser=parser,
                                      temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
-                                     timeout=timeout, api_key_env=api_key_env)
+                                     timeout=timeout, retries=retries, api_key_env=api_key_env)
         try:
             result = judge_run(run, the_judge, out=out, console=console, progress=not quiet, batch_size=batch_size)
         except KeyboardInterrupt:

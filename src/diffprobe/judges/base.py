@@ -74,6 +74,7 @@ class Judge(ABC):
 
     def close(self) -> None:
         """Release what the judge holds (connections, models). Default: nothing."""
+        return None
 
     def judge_many(self, images: list[Image.Image], questions: list[Question]) -> list[Verdict]:
         from ..errors import InputError

@@ -58,10 +58,12 @@ class Faults:
 
 @dataclass(frozen=True)
 class Asked:
-    """One chat request as the server saw it: the question text and a digest of the decoded pixels."""
+    """One chat request as the server saw it: the question text, a digest of the decoded pixels and the decoding
+    parameters it was sent with."""
 
     text: str
     pixels: str
+    params: tuple[tuple[str, Any], ...] = ()
 
 
 def pixel_digest(image: Image.Image) -> str:
@@ -158,6 +160,8 @@ class OracleServer:
         self.answered = 0
         self.handler_seconds = 0.0
         self.dead = False
+        self.connections = 0  # TCP connections accepted
+        self.in_flight = self.max_in_flight = 0  # chat requests being answered at once
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
@@ -210,7 +214,8 @@ class OracleServer:
                     url = part.get("image_url", {}).get("url", "")
                     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
         with self.lock:
-            self.asked.append(Asked(text, pixel_digest(image) if image is not None else ""))
+            params = tuple(sorted((k, v) for k, v in body.items() if k not in ("messages", "model")))
+            self.asked.append(Asked(text, pixel_digest(image) if image is not None else "", params))
         question = self.reader.read(text)
         if self.faults.unparseable:
             return "I am not sure what this image shows."
@@ -226,6 +231,8 @@ def _handler(server: OracleServer) -> type[BaseHTTPRequestHandler]:
         def setup(self) -> None:
             super().setup()
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stall per reply
+            with server.lock:
+                server.connections += 1
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass
@@ -278,6 +285,16 @@ def _handler(server: OracleServer) -> type[BaseHTTPRequestHandler]:
                 self._error(404, f"no route {self.path}")
 
         def do_POST(self) -> None:
+            with server.lock:
+                server.in_flight += 1
+                server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            try:
+                self._post()
+            finally:
+                with server.lock:
+                    server.in_flight -= 1
+
+        def _post(self) -> None:
             start = time.perf_counter()
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if not self._gate():

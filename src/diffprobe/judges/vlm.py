@@ -358,8 +358,9 @@ class VLMJudge(Judge):
     # preflight --------------------------------------------------------------------------------------------
 
     def preflight(self) -> None:
-        """Check the server once: reachable, key accepted, model served (GET /models where served), chat answers
-        in JSON. Raises one :class:`JudgeServerError` naming the URL and the fix."""
+        """Check the server: reachable, key accepted, model served (GET /models where served), chat answers in
+        JSON (one tiny question, retried like any other). Raises one :class:`JudgeServerError` naming the URL and
+        the fix. Runs by itself before the judge's first question."""
         import httpx
 
         try:
@@ -383,22 +384,16 @@ class VLMJudge(Judge):
                                        f"serves: {', '.join(map(str, served))}; pass one with --judge-model")
         # /models may be missing (some servers); the chat endpoint must work either way.
         probe = Image.new("RGB", (32, 32), (255, 255, 255))
-        try:
-            reply = self._send("POST", "chat/completions",
-                               self._chat_body("Answer yes or no: is this image white?", _png_data_url(probe), 8))
-        except _Transient as err:
-            raise JudgeServerError(f"the judge server at {self.url}/chat/completions did not answer a test "
-                                   f"question ({err.what}); check that it serves a vision model at that URL") \
-                from None
-        self._content(reply, "chat/completions")
+        body = self._chat_body("Answer yes or no: is this image white?", _png_data_url(probe), 8)
+        self._content(self._with_retries("POST", "chat/completions", body, self.retries), "chat/completions")
+        with self._lock:
+            self._checked = True
 
     def _ensure_checked(self) -> None:
         with self._lock:
             if self._checked:
                 return
         self.preflight()
-        with self._lock:
-            self._checked = True
 
     # judging ----------------------------------------------------------------------------------------------
 
