@@ -30,6 +30,7 @@ from ..metrics.provenance import write_json
 from .export import SCORES_DIR
 
 SUMMARY_NAME = "composition"
+VLM_PANEL = "VLM judge (--judge vlm)"
 BATCH = 16
 
 
@@ -209,29 +210,37 @@ def register(app: typer.Typer) -> None:
                                               "--concurrency when that is more)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         # --judge vlm
-        judge_url: str | None = typer.Option(None, "--judge-url", help="vlm: the server's OpenAI-compatible base "
-                                             "URL, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
-                                             "http://127.0.0.1:11434/v1 (Ollama)."),
-        judge_model: str | None = typer.Option(None, "--judge-model", help="vlm: the model name the server "
-                                               "serves (GET /v1/models)."),
-        template: list[str] | None = typer.Option(None, "--template", help="vlm: KIND=NAME or KIND=TEXT, KIND "
-                                                  "count, relation or attribute (e.g. count=number-count, or "
-                                                  "'count=How many {plural} do you see?'); repeatable."),
-        parser: str | None = typer.Option(None, "--parser", help="vlm: answer parser, strict (default) or "
-                                          "rrs-substring (the reliable-seeds code's substring rule)."),
-        temperature: float | None = typer.Option(None, "--temperature", help="vlm: sampling temperature "
-                                                 "(default 0, greedy; the reliable-seeds paper mined with 0.8)."),
-        max_tokens: int | None = typer.Option(None, "--max-tokens", help="vlm: most tokens per answer "
-                                              "(default 300)."),
-        concurrency: int | None = typer.Option(None, "--concurrency", help="vlm: requests in flight at once "
-                                               "(default 8)."),
-        timeout: float | None = typer.Option(None, "--timeout", help="vlm: seconds per request before it is "
-                                             "retried (default 60)."),
-        retries: int | None = typer.Option(None, "--retries", help="vlm: retries of a request that failed with "
-                                           "429, 5xx, a timeout or a dropped connection, with exponential backoff "
-                                           "(default 4)."),
-        api_key_env: str | None = typer.Option(None, "--api-key-env", help="vlm: environment variable holding "
-                                               "the API key (default DIFFPROBE_JUDGE_API_KEY)."),
+        judge_url: str | None = typer.Option(
+            None, "--judge-url", rich_help_panel=VLM_PANEL,
+            help="The server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
+                 "http://127.0.0.1:11434/v1 (Ollama)."),
+        judge_model: str | None = typer.Option(
+            None, "--judge-model", rich_help_panel=VLM_PANEL,
+            help="The model name the server serves (GET /v1/models)."),
+        template: list[str] | None = typer.Option(
+            None, "--template", rich_help_panel=VLM_PANEL,
+            help="KIND=NAME or KIND=TEXT, KIND count, relation or attribute (e.g. count=number-count, or "
+                 "'count=How many {plural} do you see?'); repeatable."),
+        parser: str | None = typer.Option(
+            None, "--parser", rich_help_panel=VLM_PANEL,
+            help="Answer parser: strict (default) or rrs-substring (the reliable-seeds code's substring rule)."),
+        temperature: float | None = typer.Option(
+            None, "--temperature", rich_help_panel=VLM_PANEL,
+            help="Sampling temperature (default 0, greedy; the reliable-seeds paper mined with 0.8)."),
+        max_tokens: int | None = typer.Option(
+            None, "--max-tokens", rich_help_panel=VLM_PANEL, help="Most tokens per answer (default 300)."),
+        concurrency: int | None = typer.Option(
+            None, "--concurrency", rich_help_panel=VLM_PANEL, help="Requests in flight at once (default 8)."),
+        timeout: float | None = typer.Option(
+            None, "--timeout", rich_help_panel=VLM_PANEL,
+            help="Seconds per request before it counts as failed and is retried (default 60)."),
+        retries: int | None = typer.Option(
+            None, "--retries", rich_help_panel=VLM_PANEL,
+            help="Retries of a request that failed with 429, 5xx, a timeout or a dropped connection, with "
+                 "exponential backoff (default 4)."),
+        api_key_env: str | None = typer.Option(
+            None, "--api-key-env", rich_help_panel=VLM_PANEL,
+            help="Environment variable holding the API key (default DIFFPROBE_JUDGE_API_KEY)."),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         console = Console(stderr=True)

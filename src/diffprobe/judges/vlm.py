@@ -427,11 +427,13 @@ class VLMJudge(Judge):
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f in done and f.exception() is not None), None)
             if failed is not None:
-                self._abort.set()  # the other workers stop retrying; their requests are not stored
                 raise failed.exception()  # type: ignore[misc]
-            return [self.verdict(q, f.result()) for q, f in zip(questions, futures, strict=True)]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # a failed request or Ctrl-C: the other workers stop retrying, nothing is stored
+            self._abort.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return [self.verdict(q, f.result()) for q, f in zip(questions, futures, strict=True)]
 
 
 __all__ = ["DEFAULT_API_KEY_ENV", "DEFAULT_TEMPLATES", "FIELDS", "JudgeServerError", "TEMPLATES", "VLMJudge",
