@@ -278,6 +278,10 @@ class VLMJudge(Judge):
         status = response.status_code
         if status in (401, 403):
             raise JudgeServerError(self._key_message(where, status))
+        if 300 <= status < 400:
+            raise JudgeServerError(f"the judge server at {where} redirects (HTTP {status}) to "
+                                   f"{response.headers.get('location', 'another address')}; pass that base URL "
+                                   "with --judge-url")
         if status in RETRY_STATUSES:
             raise _Transient(f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
         if status >= 400:
