@@ -347,3 +347,16 @@ def test_decoding_flags_reach_the_server_and_the_identity(server, run):
     assert identity["templates"]["count"].endswith("Answer with a single number.")
     summary = json.loads((run / "scores" / "composition.json").read_text(encoding="utf-8"))
     assert summary["judge"] == identity
+
+
+def test_slow_replies_time_out_and_are_retried(server, items):
+    slept = []
+    judge = VLMJudge(server.url, "oracle", timeout=0.3, retries=1, sleep=slept.append)
+    judge.preflight()
+    server.faults.delay = 1.0
+    with pytest.raises(JudgeServerError, match=r"failed \(2 tries; last: no answer within 0.3 s\)"):
+        judge.judge(items[0][0], items[0][2])
+    assert len(slept) == 1
+    server.faults.delay = 0.0
+    assert judge.judge(items[0][0], items[0][2]).correct == ShapesJudge().judge(items[0][0], items[0][2]).correct
+    judge.close()

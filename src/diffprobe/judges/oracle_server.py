@@ -249,13 +249,16 @@ def _handler(server: OracleServer) -> type[BaseHTTPRequestHandler]:
         def _send(self, status: int, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
                   content_type: str = "application/json") -> None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): nothing to answer
+                self.close_connection = True
 
         def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
             self._send(status, {"error": {"message": message, "type": "error", "code": status}}, headers)
