@@ -337,13 +337,16 @@ def test_flags_are_checked_before_any_work(run, tmp_path):
 
 def test_decoding_flags_reach_the_server_and_the_identity(server, run):
     res = invoke(["judge", run, *vlm_flags(server, "--temperature", "0.8", "--max-tokens", "64", "--parser",
-                                           "rrs-substring", "--template", "count=number-count")])
+                                           "rrs-substring", "--template", "count=number-count", "--image-detail",
+                                           "low")])
     assert res.exit_code == 0, res.output
     asked = server.asked[1:]
-    assert len(asked) == 20 and all(dict(a.params) == {"temperature": 0.8, "max_tokens": 64} for a in asked)
+    assert len(asked) == 20
+    assert all(dict(a.params) == {"temperature": 0.8, "max_tokens": 64, "detail": "low"} for a in asked)
     assert any(a.text.endswith("Answer with a single number.") for a in asked)
     [identity] = [json.loads(j) for j in {v["judge"] for vs in stored(run).values() for v in vs}]
     assert identity["temperature"] == 0.8 and identity["parser"] == "rrs-substring" and identity["max_tokens"] == 64
+    assert identity["detail"] == "low"
     assert identity["templates"]["count"].endswith("Answer with a single number.")
     summary = json.loads((run / "scores" / "composition.json").read_text(encoding="utf-8"))
     assert summary["judge"] == identity

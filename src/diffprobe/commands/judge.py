@@ -179,19 +179,22 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 def judge_from_flags(judge: str, *, url: str | None = None, model: str | None = None,
                      templates: list[str] | None = None, parser: str | None = None, temperature: float | None = None,
                      max_tokens: int | None = None, concurrency: int | None = None, timeout: float | None = None,
-                     retries: int | None = None, api_key_env: str | None = None) -> Judge:
+                     retries: int | None = None, api_key_env: str | None = None,
+                     image_detail: str | None = None) -> Judge:
     """The judge the command-line flags describe; a flag that the chosen judge does not take is an InputError."""
     from ..judges import make_judge
     from ..judges.vlm import parse_template_option
 
     vlm = {"url": url, "model": model, "parser": parser, "temperature": temperature, "max_tokens": max_tokens,
            "concurrency": concurrency, "timeout": timeout, "retries": retries, "api_key_env": api_key_env,
+           "detail": image_detail,
            "templates": dict(parse_template_option(t) for t in templates) if templates else None}
     given = {k: v for k, v in vlm.items() if v is not None}
     if judge == "vlm":
         return make_judge("vlm", **given)
     if given:
-        flags = ", ".join("--" + {"url": "judge-url", "model": "judge-model", "templates": "template"}.get(
+        flags = ", ".join("--" + {"url": "judge-url", "model": "judge-model", "templates": "template",
+                                      "detail": "image-detail"}.get(
             k, k.replace("_", "-")) for k in given)
         raise InputError(f"{flags} only apply to --judge vlm (the judge is {judge!r})")
     return make_judge(judge)
@@ -241,12 +244,17 @@ def register(app: typer.Typer) -> None:
         api_key_env: str | None = typer.Option(
             None, "--api-key-env", rich_help_panel=VLM_PANEL,
             help="Environment variable holding the API key (default DIFFPROBE_JUDGE_API_KEY)."),
+        image_detail: str | None = typer.Option(
+            None, "--image-detail", rich_help_panel=VLM_PANEL,
+            help="low, high or auto: the image_url 'detail' field (OpenAI's API; the paper's GPT-4o evaluation "
+                 "used low). Default: not sent."),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         console = Console(stderr=True)
         the_judge = judge_from_flags(judge, url=judge_url, model=judge_model, templates=template, parser=parser,
                                      temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
-                                     timeout=timeout, retries=retries, api_key_env=api_key_env)
+                                     timeout=timeout, retries=retries, api_key_env=api_key_env,
+                                     image_detail=image_detail)
         try:
             result = judge_run(run, the_judge, out=out, console=console, progress=not quiet, batch_size=batch_size)
         except KeyboardInterrupt:

@@ -207,7 +207,7 @@ class OracleServer:
         threading.Thread(target=self.stop, daemon=True).start()
 
     def answer(self, body: dict[str, Any]) -> str:
-        text, image = "", None
+        text, image, detail = "", None, None
         for message in body.get("messages", []):
             content = message.get("content")
             for part in content if isinstance(content, list) else [{"type": "text", "text": content or ""}]:
@@ -215,10 +215,12 @@ class OracleServer:
                     text += part.get("text", "")
                 elif part.get("type") == "image_url":
                     url = part.get("image_url", {}).get("url", "")
+                    detail = part.get("image_url", {}).get("detail")
                     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
         pixels = pixel_digest(image) if image is not None else ""
         with self.lock:
-            params = tuple(sorted((k, v) for k, v in body.items() if k not in ("messages", "model")))
+            params = tuple(sorted([(k, v) for k, v in body.items() if k not in ("messages", "model")]
+                                  + ([("detail", detail)] if detail else [])))
             self.asked.append(Asked(text, pixels, params))
         question = self.reader.read(text)
         if self.faults.unparseable:

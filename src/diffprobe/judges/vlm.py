@@ -210,7 +210,7 @@ class VLMJudge(Judge):
         if max_tokens < 1:
             raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
         if detail not in (None, "low", "high", "auto"):
-            raise InputError(f"image detail must be low, high or auto, got {detail!r}")
+            raise InputError(f"--image-detail must be low, high or auto, got {detail!r}")
         if concurrency < 1:
             raise InputError(f"--concurrency must be at least 1, got {concurrency}")
         if not timeout > 0:
