@@ -214,6 +214,11 @@ def test_agreement_of_scripted_judges_end_to_end(run):
     text = " ".join(res.output.split())
     assert "all: 7/10 agree (70.0 %" in text and "kappa 0.400" in text
     assert "confusion (rows: A, columns: B):" in res.output
+    # export joins the per-image agreement (1 agree, 0 disagree; none where a judge did not parse)
+    from diffprobe.commands.export import per_image_scores
+
+    joined = {k: v[path.stem] for k, v in per_image_scores(run_dir)[0].items() if path.stem in v}
+    assert sorted(joined.values()) == [0.0] * 3 + [1.0] * 7
     # judging for the agreement stored verdicts, so a second call judges nothing
     store = open_run(run_dir)
     assert len(store.judge_verdicts({"name": "scripted-A", "threshold": None})) == 12
@@ -301,8 +306,10 @@ def test_pairs_match_on_key_and_question():
     got = agreement(rows_a, rows_b)
     assert got["not_in_both"] == {"only_A": 1, "only_B": 1}
     assert got["categories"]["all"]["pairs"] == 2 and got["categories"]["all"]["agree"] == 1
-    assert [(r["key"], r["A"], r["B"]) for r in got["per_image"]] == [("k1", "correct", "correct"),
-                                                                      ("k3", "correct", "wrong")]
+    assert [(r["key"], r["A"], r["B"], r["score"]) for r in got["per_image"]] == [
+        ("k1", "correct", "correct", 1.0), ("k3", "correct", "wrong", 0.0)]
+    unparsed = agreement([{**rows_a[0], "correct": None}], rows_b[:1])["per_image"][0]
+    assert "score" not in unparsed and (unparsed["A"], unparsed["B"]) == ("unparsed", "correct")
 
 
 def test_kappa_is_symmetric_in_the_two_raters():

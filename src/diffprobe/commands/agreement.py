@@ -80,8 +80,10 @@ def agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dic
     keys_a = {_pair_key(r) for r in rows_a}
     per_image = []
     for a, b in pairs:
-        item = {"key": a["key"], "prompt": a["prompt"], "seed": a["seed"], "category": a["category"],
-                "A": label(a["correct"]), "B": label(b["correct"])}
+        item: dict[str, Any] = {"key": a["key"], "prompt": a["prompt"], "seed": a["seed"],
+                                "category": a["category"], "A": label(a["correct"]), "B": label(b["correct"])}
+        if a["correct"] is not None and b["correct"] is not None:
+            item["score"] = float(a["correct"] == b["correct"])  # 1: the judges agree (export joins it per image)
         if item["A"] != item["B"]:
             item.update(A_answer=a["answer"], A_reason=a["reason"], B_answer=b["answer"], B_reason=b["reason"])
         per_image.append(item)
