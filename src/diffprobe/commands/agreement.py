@@ -59,25 +59,23 @@ def agreement_table(labels: list[tuple[str, str]]) -> dict[str, Any]:
     return out
 
 
-def _pair_key(row: dict[str, Any]) -> tuple[str, str]:
-    from ..store import canonical_identity
-
-    return row["key"], canonical_identity(row["question"])
-
-
 def agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[str, Any]:
     """Agreement of judge A's per-image rows with judge B's (rows as :func:`judge_run` returns them), per category
     and overall (``all``); pairs are matched by sample key and question."""
+    from ..store import canonical_identity
     from .judge import category_order
 
-    by_key_b = {_pair_key(r): r for r in rows_b}
-    pairs = [(r, by_key_b[_pair_key(r)]) for r in rows_a if _pair_key(r) in by_key_b]
+    def pair_key(row: dict[str, Any]) -> tuple[str, str]:
+        return row["key"], canonical_identity(row["question"])
+
+    by_key_b = {pair_key(r): r for r in rows_b}
+    pairs = [(r, by_key_b[pair_key(r)]) for r in rows_a if pair_key(r) in by_key_b]
     groups: dict[str, list[tuple[str, str]]] = {}
     for a, b in pairs:
         groups.setdefault(a["category"], []).append((label(a["correct"]), label(b["correct"])))
     categories = {c: agreement_table(groups[c]) for c in sorted(groups, key=category_order)}
     categories["all"] = agreement_table([(label(a["correct"]), label(b["correct"])) for a, b in pairs])
-    keys_a = {_pair_key(r) for r in rows_a}
+    keys_a = {pair_key(r) for r in rows_a}
     per_image = []
     for a, b in pairs:
         item: dict[str, Any] = {"key": a["key"], "prompt": a["prompt"], "seed": a["seed"],
