@@ -149,6 +149,20 @@ def test_comp90_suites(tmp_path):
     assert len(load_prompts(f"comp90-spatial-eval:{folder}")) == 2
 
 
+def test_comp90_suite_as_a_run_spec_prompt_source(tmp_path):
+    """``generate --prompts comp90-...:PATH`` builds its spec this way: the suite is the recorded source, and the
+    prompts keep the meta that makes their questions (count, object, plural)."""
+    from diffprobe.spec import build_spec
+
+    folder = comp90_folder(tmp_path)
+    spec, prompts, dropped = build_spec({"model": "shapes", "prompts": f"comp90-numerical-eval:{folder}",
+                                         "seeds": "0"})
+    assert spec.prompt_source == f"comp90-numerical-eval:{folder}" and dropped == 0
+    assert spec.prompts == [p.text for p in prompts] and len(prompts) == 30
+    assert prompts[5].meta == {"count": 2, "object": "mouse", "plural": "mice",
+                               "background": "dark solid color background"}
+
+
 def test_comp90_suite_errors(tmp_path):
     with pytest.raises(InputError, match="give the Comp90 folder after a colon"):
         load_prompts("comp90-numerical-eval")
