@@ -39,6 +39,11 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
+    "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds 0 --out runs/comp90-eval": HUB + "; and the "
+    "user's copy of Comp90 (tests/test_prompts.py loads the suites from small files)",
+    "diffprobe judge --agreement runs/judged --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2-vl "
+    "--against shapes": "needs a VLM server (tests/test_agreement.py compares judges end to end)",
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 

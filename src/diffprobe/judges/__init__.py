@@ -7,6 +7,7 @@ Questions from prompts (``question_for``, spatial and question-field prompt file
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from ..errors import InputError
@@ -41,6 +42,16 @@ def available_judges() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def judge_options(name: str) -> frozenset[str] | None:
+    """The option names judge ``name``'s factory takes (its keyword parameters); None where it takes any."""
+    if name not in _REGISTRY:
+        raise InputError(f"unknown judge {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 __all__ = ["PARSERS", "AnswerVerdict", "Judge", "ObjectSpec", "Parser", "Question", "Verdict", "available_judges",
-           "get_parser", "make_judge", "parse_count", "parse_yes_no", "question_for", "read_question_prompts",
-           "read_spatial_prompts", "register_judge"]
+           "get_parser", "judge_options", "make_judge", "parse_count", "parse_yes_no", "question_for",
+           "read_question_prompts", "read_spatial_prompts", "register_judge"]
