@@ -244,3 +244,44 @@ def build_tiny_pixart(path: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def build_tiny_owl(path: str | Path, version: str = "owlvit", seed: int = 0, image_size: int = 64) -> Path:
+    """A tiny random OWL-ViT (``version="owlvit"``) or OWLv2 (``"owlv2"``) detector with its processor, saved with
+    save_pretrained so that ``AutoProcessor`` and ``AutoModelForZeroShotObjectDetection`` load it from ``path``.
+    Its vision tower sees ``image_size`` pixels in 16-pixel patches: (image_size / 16)^2 boxes per image."""
+    import transformers
+    from transformers import CLIPTokenizer
+
+    if version not in ("owlvit", "owlv2"):
+        raise ValueError(f"unknown OWL version {version!r}; use owlvit or owlv2")
+    prefix = "OwlViT" if version == "owlvit" else "Owlv2"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # OWL treats a query whose first token id is 0 as padding, so the special tokens come after the characters.
+    vocab = {}
+    for ch in _BYTE_CHARS:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=32,
+                              pad_token="!")  # OWL pads with id 0
+    eos = vocab["<|endoftext|>"]
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=eos - 1,
+                         eos_token_id=eos, pad_token_id=0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=16),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    getattr(transformers, f"{prefix}ForObjectDetection")(config).save_pretrained(path)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        size={"height": image_size, "width": image_size})
+    getattr(transformers, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+        path)
+    return path
