@@ -339,6 +339,38 @@ def test_tiny_owl_judge_end_to_end_batched_like_one_by_one(owl_paths):
     assert batched[0].answer == str(len(brute_nms(sub, 0.5)))
 
 
+def test_tiny_grounding_dino_scores_a_query_by_its_tokens(tmp_path):
+    import torch
+
+    from diffprobe.models.tiny import build_tiny_grounding_dino
+
+    det = ZeroShotDetector(str(build_tiny_grounding_dino(tmp_path / "gd")), device="cpu")
+    assert det.kind == "grounding-dino" and det.identity()["model_type"] == "grounding-dino"
+    images = noise_images(3, seed=2, size=(60, 40))
+    queries = [["cat"], ["red cat", "dog"], ["circle", "square", "triangle"]]
+    ours = det.detect(images, queries)
+    # By hand: the caption "red cat. dog." is [CLS] red cat . dog . [SEP]; "red cat" owns tokens 1-2, "dog" token 4.
+    enc = det.processor.tokenizer(["red cat. dog."], return_tensors="pt")
+    pix = det.processor.image_processor([images[1]], return_tensors="pt")
+    with torch.inference_mode():
+        out = det.model(**enc, **pix)
+    per_query = torch.stack([out.logits[0][:, 1:3].amax(-1), out.logits[0][:, 4]], -1)
+    best, label = per_query.max(-1)
+    assert ours[1].labels.tolist() == label.tolist()
+    np.testing.assert_allclose(ours[1].scores, best.sigmoid().numpy(), rtol=1e-5, atol=1e-6)
+    cx, cy, w, h = out.pred_boxes[0].unbind(-1)
+    np.testing.assert_allclose(ours[1].xyxy[:, 0], ((cx - w / 2) * 60).numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ours[1].xyxy[:, 3], ((cy + h / 2) * 40).numpy(), rtol=1e-5, atol=1e-4)
+    # Batched like one by one, and the judge's default query is the bare noun.
+    for batched, im, q in zip(ours, images, queries, strict=True):
+        alone = det.detect([im], [q])[0]
+        assert batched.labels.tolist() == alone.labels.tolist()
+        np.testing.assert_allclose(batched.scores, alone.scores, rtol=1e-4, atol=1e-6)
+    assert DetectorJudge(det).query_template == "{noun}"
+    with pytest.raises(InputError, match="more than the 32"):
+        det.detect(images[:1], [["cat"] * 20])
+
+
 def test_missing_or_wrong_detector_is_a_clear_error(tmp_path, monkeypatch, owl_paths):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = r"'diffprobe-test/no-such-detector'.*HF_HUB_OFFLINE is set.*hf download"

@@ -143,20 +143,18 @@ class ZeroShotDetector:
         return out
 
     def _owl(self, images: list[Image.Image], texts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_lengths(texts)
+        self._check_lengths([t for ts in texts for t in ts], self.processor.tokenizer.model_max_length, "query")
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding="max_length",
                                 truncation=True).to(self.device)
         outputs = self.model(**inputs)
         return outputs.logits.float(), outputs.pred_boxes.float()
 
-    def _check_lengths(self, texts: list[list[str]]) -> None:
-        """A query longer than the text tower's context would be cut short: say which one instead."""
-        limit = self.processor.tokenizer.model_max_length
-        flat = [t for ts in texts for t in ts]
-        for text, ids in zip(flat, self.processor.tokenizer(flat, truncation=False)["input_ids"], strict=True):
+    def _check_lengths(self, texts: list[str], limit: int, what: str) -> None:
+        """A text longer than the text tower reads would be cut short: say which one instead."""
+        for text, ids in zip(texts, self.processor.tokenizer(texts, truncation=False)["input_ids"], strict=True):
             if len(ids) > limit:
-                raise InputError(f"the detector query {text!r} is {len(ids)} tokens, more than the {limit} that "
-                                 f"{self.model_id} reads; use a shorter noun or query template")
+                raise InputError(f"the detector {what} {text!r} is {len(ids)} tokens, more than the {limit} that "
+                                 f"{self.model_id} reads; use shorter nouns or a shorter query template")
 
     def _grounding_dino(self, images: list[Image.Image], texts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         # One caption per image ("cat. dog."); a query's logit for a box is its tokens' best logit.
@@ -169,6 +167,7 @@ class ZeroShotDetector:
                 caption += part + ". "
             captions.append(caption.strip())
             spans.append(cuts)
+        self._check_lengths(captions, self.model.config.max_text_len, "caption")
         encoded = self.processor.tokenizer(captions, padding="longest", return_offsets_mapping=True,
                                            return_tensors="pt")
         offsets = encoded.pop("offset_mapping")

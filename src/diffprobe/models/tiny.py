@@ -285,3 +285,30 @@ def build_tiny_owl(path: str | Path, version: str = "owlvit", seed: int = 0, ima
     getattr(transformers, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
         path)
     return path
+
+
+def build_tiny_grounding_dino(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Grounding DINO (Swin backbone, BERT text tower, 10 queries) with a word-level BERT tokenizer of a
+    few nouns, saved with save_pretrained for ``AutoProcessor`` and ``AutoModelForZeroShotObjectDetection``."""
+    import transformers
+    from transformers import BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "photo", "of", "cat", "dog", "circle", "square",
+             "triangle", "apple", "red", "blue"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    config = GroundingDinoConfig(
+        backbone_config=dict(model_type="swin", embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2,
+                             image_size=32, patch_size=4, out_features=["stage1", "stage2"], out_indices=[1, 2]),
+        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64),
+        num_queries=10, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, num_feature_levels=2, encoder_n_points=1,
+        decoder_n_points=1, max_text_len=32,
+    )
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    image_processor = transformers.GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 48})
+    transformers.GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
