@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
+DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
+            "local detector)")
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
     "make test": "runs this test suite",
@@ -39,6 +41,11 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
+    "diffprobe judge runs/sd15-counts --judge detector --detector google/owlv2-base-patch16-ensemble": DETECTOR,
+    "diffprobe judge runs/sd15-spatial --judge detector --detector IDEA-Research/grounding-dino-tiny --margin 0.1":
+    DETECTOR,
+    "diffprobe judge runs/sd15-cc500 --judge detector --detector google/owlv2-base-patch16-ensemble --clip "
+    "clip-vit-l14": DETECTOR,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 
