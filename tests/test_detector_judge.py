@@ -453,3 +453,7 @@ def test_cli_detector_flag_mistakes_exit_2(shapes_run, tmp_path):
     assert res.exit_code == 2 and "--detector, --margin belong to the detector judge" in res.output
     res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", tmp_path / "missing"])
     assert res.exit_code == 2 and "neither a local folder nor a hub id" in res.output
+    res = invoke(["judge", tmp_path, "--judge", "detector", "--detector", "x/y", "--device", "nope"])
+    assert res.exit_code == 2 and "is not a diffprobe run directory" in res.output  # before any model loads
+    res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", "x/y", "--device", "nope"])
+    assert res.exit_code == 2 and "unknown device 'nope'" in res.output

@@ -220,10 +220,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         from ..judges import make_judge
+        from ..store import open_run
 
         console = Console(stderr=True)
         options = detector_options(judge, detector=detector, clip=clip, box_threshold=box_threshold,
                                    nms_iou=nms_iou, margin=margin, pairs=pairs, device=device)
+        if options:
+            open_run(run).close()  # a wrong run directory fails before a detector loads
         try:
             result = judge_run(run, make_judge(judge, **options), out=out, console=console, progress=not quiet,
                                batch_size=batch_size)

@@ -48,7 +48,10 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class DetectionBackend(Protocol):
-    """What the judge needs from a detector: boxes for images with their queries, and what identifies it."""
+    """What the judge needs from a detector: boxes for images with their queries, and what identifies it.
+    ``kind`` ("owl" or "grounding-dino") picks the default query template."""
+
+    kind: str
 
     def identity(self) -> dict[str, Any]: ...
 
@@ -86,6 +89,7 @@ class ZeroShotDetector:
 
         if batch_size < 1:
             raise InputError(f"the detector batch size must be at least 1, got {batch_size}")
+        self.device = choose_device(device)  # a wrong device fails before any weights are read
         folder = local_folder(name_or_path)
         if folder is None and not _HUB_ID.match(name_or_path):
             raise ModelNotFoundError(f"detector {name_or_path!r} not found: it is neither a local folder nor a hub id "
@@ -114,7 +118,6 @@ class ZeroShotDetector:
                 raise ModelNotFoundError(f"detector {name_or_path!r} cannot be loaded ({type(err).__name__}: "
                                          f"{(str(err).strip().splitlines() or [''])[0][:200]}): "
                                          f"{_weights_hint(name_or_path)}") from None
-        self.device = choose_device(device)
         self.model.eval().to(self.device)
         self.batch_size = batch_size
         self.model_type = config.model_type
@@ -262,7 +265,7 @@ class DetectorJudge(Judge):
         if pairs not in PAIRS:
             raise InputError(f"unknown relation pairing {pairs!r}; use any (some box of each) or top (the "
                              "highest-scoring box of each, as GenEval)")
-        template = query_template or QUERY_TEMPLATES.get(getattr(detector, "kind", "owl"), "{noun}")
+        template = query_template or QUERY_TEMPLATES.get(detector.kind, "{noun}")
         if "{noun}" not in template:
             raise InputError(f"the query template {template!r} must contain {{noun}}")
         self.detector, self.colors = detector, colors
