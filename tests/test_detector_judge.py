@@ -221,7 +221,8 @@ def test_relation_between_two_instances_of_one_noun():
     for pairs in ("any", "top"):
         judge = judge_of(scenes, pairs=pairs)
         assert judge.judge(scene_image("two"), q).correct is True
-        assert judge.judge(scene_image("one"), q).correct is False  # a box is never beside itself
+        v = judge.judge(scene_image("one"), q)  # a box is never beside itself
+        assert v.correct is False and v.reason.startswith("only one cat")
 
 
 # --- attributes and what the judge cannot judge --------------------------------------------------------------

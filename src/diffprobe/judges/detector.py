@@ -359,12 +359,14 @@ def answer(question: Question, seen: list[Seen], margin: float = MARGIN, pairs: 
     a_spec, b_spec = question.objects
     As = [s for s in seen if _matches(s, a_spec)]
     Bs = [s for s in seen if _matches(s, b_spec)]
-    if pairs == "top":
-        As, Bs = As[:1], [b for b in Bs if b is not (As[0] if As else None)][:1]
     words = RELATION_WORDS[question.relation]
     if not As or not Bs:
         missing = ", ".join(str(o) for o, xs in ((a_spec, As), (b_spec, Bs)) if not xs)
         return Verdict(False, "no", f"missing {missing}; {text}", _raw(seen))
+    if len(As) == 1 and all(b is As[0] for b in Bs):  # "a cat left of a cat" with one cat
+        return Verdict(False, "no", f"only one {a_spec}, a relation needs two; {text}", _raw(seen))
+    if pairs == "top":
+        As, Bs = As[:1], [b for b in Bs if b is not As[0]][:1]
     pair = next(((a, b) for a in As for b in Bs
                  if a is not b and question.relation in relations(np.asarray(a.xyxy), np.asarray(b.xyxy), margin)),
                 None)
