@@ -286,7 +286,8 @@ class DetectorJudge(Judge):
             return f"colours ({', '.join(map(str, colored))}) need a CLIP: give the detector judge --clip MODEL"
         unknown = sorted({o.color for o in colored} - set(self.colors.colors if self.colors else ()))
         if unknown:
-            return f"colour(s) {', '.join(unknown)} are not among the detector judge's colours ({', '.join(COLORS)})"
+            known = ", ".join(self.colors.colors)  # type: ignore[union-attr]
+            return f"colour(s) {', '.join(unknown)} are not among the detector judge's colours ({known})"
         return None
 
     def judge(self, image: Image.Image, question: Question) -> Verdict:
