@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
+DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
+            "local detector)")
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
     "make test": "runs this test suite",
@@ -44,6 +46,11 @@ SKIPPED = {
     "user's copy of Comp90 (tests/test_prompts.py loads the suites from small files)",
     "diffprobe judge --agreement runs/judged --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2-vl "
     "--against shapes": "needs a VLM server (tests/test_agreement.py compares judges end to end)",
+    "diffprobe judge runs/sd15-counts --judge detector --detector google/owlv2-base-patch16-ensemble": DETECTOR,
+    "diffprobe judge runs/sd15-spatial --judge detector --detector IDEA-Research/grounding-dino-tiny --margin 0.1":
+    DETECTOR,
+    "diffprobe judge runs/sd15-cc500 --judge detector --detector google/owlv2-base-patch16-ensemble --clip "
+    "clip-vit-l14": DETECTOR,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 

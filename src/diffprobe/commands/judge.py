@@ -125,6 +125,8 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
         for s in store.samples():
             if s.prompt not in questions:
                 q, reason = question_for(Prompt(s.prompt, s.prompt_meta))
+                if q is not None and (cannot := judge.supports(q)):
+                    q, reason = None, cannot  # e.g. a colour question for a detector without a CLIP
                 questions[s.prompt] = (q, reason if q is None else canonical_identity(question_dict(q)))
             q, qjson = questions[s.prompt]
             if q is None:
@@ -188,11 +190,34 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+DETECTOR_PANEL = "Detector judge (--judge detector)"
+
+
+def detector_options(judges: list[str], *, detector: str | None, clip: str | None,
+                     box_threshold: float | None, nms_iou: float | None, margin: float | None, pairs: str | None,
+                     device: str | None) -> dict[str, Any]:
+    """The detector judge's ``make_judge`` options from its flags: only the flags given, so the judge's own defaults
+    apply to the rest; a detector flag with another judge is a mistake."""
+    given = {k: v for k, v in {"detector": detector, "clip": clip, "box_threshold": box_threshold,
+                               "nms_iou": nms_iou, "margin": margin, "pairs": pairs, "device": device}.items()
+             if v is not None}
+    if "detector" not in judges:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise InputError(f"{flags} belong to the detector judge; add --judge detector or leave them out")
+        return {}
+    if "detector" not in given:
+        raise InputError("--judge detector needs --detector MODEL: a hub id (google/owlv2-base-patch16-ensemble, "
+                         "IDEA-Research/grounding-dino-tiny) or a local folder")
+    return given
+
+
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
-        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world)."),
+        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world), "
+                                  "detector (open-vocabulary detector: --detector MODEL)."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Per-image JSONL (default: "
                                         "RUN/scores/composition.jsonl); with --agreement, the agreement JSON "
                                         "(default: RUN/scores/agreement_<A>_vs_<B>.json)."),
@@ -204,14 +229,37 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(BATCH, "--batch-size", "-b", help="Images per judge call (each batch is "
                                        "committed to the run at once)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        detector: str | None = typer.Option(None, "--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
+                                            "local folder.", rich_help_panel=DETECTOR_PANEL),
+        box_threshold: float | None = typer.Option(None, "--box-threshold", help="Boxes count when their score is "
+                                                   "above this (default 0.3).", rich_help_panel=DETECTOR_PANEL),
+        nms_iou: float | None = typer.Option(None, "--nms-iou", help="Boxes of one noun overlapping a better one by "
+                                             "more IoU are duplicates (default 0.5; 1 keeps all).",
+                                             rich_help_panel=DETECTOR_PANEL),
+        margin: float | None = typer.Option(None, "--margin", help="Relation margin, a fraction of the two boxes' "
+                                            "summed size (default 0.1, as GenEval).", rich_help_panel=DETECTOR_PANEL),
+        pairs: str | None = typer.Option(None, "--pairs", help="Relations: any (some box of each object, default) "
+                                         "or top (the best box of each, as GenEval).", rich_help_panel=DETECTOR_PANEL),
+        clip: str | None = typer.Option(None, "--clip", help="CLIP hub id, alias (clip-vit-l14) or folder that "
+                                        "reads box colours; without it colour questions are skipped.",
+                                        rich_help_panel=DETECTOR_PANEL),
+        device: str | None = typer.Option(None, "--device", help="Device of the detector and CLIP: cuda, mps, cpu "
+                                          "(default: the best available).", rich_help_panel=DETECTOR_PANEL),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
+        from ..store import open_run
+
         console = Console(stderr=True)
-        options: dict[str, Any] = {}  # the judges' own options (judge_options(name) lists what each takes)
+        names = [judge] + ([against] if against else [])
+        # the judges' own options, each given to the judges whose factory takes it (judge_options(name))
+        options = detector_options(names, detector=detector, clip=clip, box_threshold=box_threshold,
+                                   nms_iou=nms_iou, margin=margin, pairs=pairs, device=device)
         if against is not None and not agreement:
             raise InputError("--against is for --agreement: add --agreement to compare the two judges")
         if agreement and against is None:
             raise InputError("--agreement needs --against NAME, the judge to compare --judge with")
+        if options:
+            open_run(run).close()  # a wrong run directory fails before a detector loads
         try:
             if agreement:
                 from .agreement import agreement_lines, agreement_run

@@ -1,6 +1,8 @@
 """Compositional judges: ``make_judge(name).judge(image, question) -> Verdict``.
 
-Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`).
+Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`) and ``detector``
+(open-vocabulary detector with box rules, :mod:`diffprobe.judges.detector`; options: ``detector=MODEL``, ``clip``,
+``box_threshold``, ``nms_iou``, ``margin``, ``pairs``, ``device``).
 Reading free-text answers (strict and ``rrs-substring`` parsers): :mod:`diffprobe.judges.answers`.
 Questions from prompts (``question_for``, spatial and question-field prompt files): :mod:`diffprobe.judges.questions`.
 """
@@ -30,6 +32,15 @@ def _shapes() -> Judge:
 
 
 register_judge("shapes", _shapes)
+
+
+def _detector(**options: object) -> Judge:
+    from .detector import make_detector_judge
+
+    return make_detector_judge(**options)  # type: ignore[arg-type]
+
+
+register_judge("detector", _detector)
 
 
 def make_judge(name: str, **options: object) -> Judge:
