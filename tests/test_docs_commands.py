@@ -25,6 +25,8 @@ HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
 VLM_SERVER = "a vision-language model server (vLLM or Ollama) with its weights and a GPU"
 VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.py runs the same flags against a "
              "loopback OpenAI-compatible server)")
+DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
+            "local detector)")
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
     "make test": "runs this test suite",
@@ -51,6 +53,16 @@ SKIPPED = {
     VLM_JUDGE,
     "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model "
     "Qwen/Qwen2-VL-7B-Instruct --template 'count=How many {plural} do you see? Reply with a number.'": VLM_JUDGE,
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
+    "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds 0 --out runs/comp90-eval": HUB + "; and the "
+    "user's copy of Comp90 (tests/test_prompts.py loads the suites from small files)",
+    "diffprobe judge --agreement runs/judged --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2-vl "
+    "--against shapes": "needs a VLM server (tests/test_agreement.py compares judges end to end)",
+    "diffprobe judge runs/sd15-counts --judge detector --detector google/owlv2-base-patch16-ensemble": DETECTOR,
+    "diffprobe judge runs/sd15-spatial --judge detector --detector IDEA-Research/grounding-dino-tiny --margin 0.1":
+    DETECTOR,
+    "diffprobe judge runs/sd15-cc500 --judge detector --detector google/owlv2-base-patch16-ensemble --clip "
+    "clip-vit-l14": DETECTOR,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 

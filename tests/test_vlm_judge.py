@@ -14,13 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from diffprobe.cli import app
-from diffprobe.commands.judge import BATCH, default_batch_size, judge_from_flags
+from diffprobe.commands.judge import BATCH, default_batch_size
 from diffprobe.errors import InputError
 from diffprobe.judges import make_judge
 from diffprobe.judges.base import ObjectSpec, Question
 from diffprobe.judges.oracle_server import Faults, OracleServer, QuestionReader, pixel_digest
 from diffprobe.judges.questions import question_dict
-from diffprobe.judges.vlm import JudgeServerError, VLMJudge, plural, resolve_template
+from diffprobe.judges.vlm import JudgeServerError, VLMJudge, parse_template_option, resolve_template
 from diffprobe.spec import RunSpec, SamplerSpec
 from diffprobe.store import VERDICTS_TABLE, NewSample, create_run, open_run
 from diffprobe.worlds.shapes.grammar import CATEGORIES, make_scene
@@ -105,14 +105,14 @@ def free_port() -> int:
 # --- questions, templates, identity ------------------------------------------------------------------------
 
 
-def test_plural_and_question_text():
-    assert [plural(w) for w in ("apple", "box", "glass", "cherry", "toy", "knife", "mouse", "sheep", "teddy bear",
-                                "peach", "person", "bus")] == \
-        ["apples", "boxes", "glasses", "cherries", "toys", "knives", "mice", "sheep", "teddy bears", "peaches",
-         "people", "buses"]
+def test_question_text():
     judge = VLMJudge("http://127.0.0.1:1/v1", "m")
     count = Question("count", (ObjectSpec("circle", "red", "small"),), count=3)
     assert judge.question_text(count) == "Answer in one sentence: How many small red circles are in this image?"
+    mice = Question("count", (ObjectSpec("mouse"),), count=2)
+    assert judge.question_text(mice) == "Answer in one sentence: How many mice are in this image?"
+    given = Question("count", (ObjectSpec("fish", plural="fishes"),), count=2)  # a plural the prompt file gave
+    assert judge.question_text(given) == "Answer in one sentence: How many fishes are in this image?"
     rel = Question("relation", (ObjectSpec("apple"), ObjectSpec("owl", "orange")), relation="left_of")
     assert judge.question_text(rel) == "Answer yes or no: Is there an apple to the left of an orange owl in this image?"
     attr = Question("attribute", (ObjectSpec("book", "red"), ObjectSpec("clock", "gold"), ObjectSpec("egg")))
@@ -138,7 +138,8 @@ def test_template_errors_name_the_fix():
     with pytest.raises(InputError, match="not a valid template"):
         resolve_template("count", "How many {plural?")
     with pytest.raises(InputError, match="KIND=NAME"):
-        judge_from_flags("vlm", url="http://h/v1", model="m", templates=["count"])
+        parse_template_option("count")
+    assert parse_template_option("count=How many {plural}? Count them.") == ("count", "How many {plural}? Count them.")
 
 
 def test_identity_keys_what_changes_answers_and_nothing_else(monkeypatch):
@@ -316,7 +317,7 @@ def test_preflight_errors_are_one_line_and_store_nothing(run, case, monkeypatch)
 def test_flags_are_checked_before_any_work(run, tmp_path):
     for args, message in [
         (["--judge", "shapes", "--judge-url", "http://h/v1", "--temperature", "0.8"],
-         "--judge-url, --temperature only apply to --judge vlm"),
+         "--judge-url, --temperature belong to the VLM judge; add --judge vlm"),
         (["--judge", "vlm", "--judge-model", "m"], "needs the server's URL"),
         (["--judge", "vlm", "--judge-url", "h:8000", "--judge-model", "m"], "is not an http(s) URL"),
         (["--judge", "vlm", "--judge-url", "http://h/v1", "--judge-model", "m", "--temperature", "3"],

@@ -7,7 +7,7 @@ a per-image JSONL (GenEval-style: key, prompt, seed, category, correct, answer, 
 (count N, attribute, each relation) with Wilson 95 % intervals to ``RUN/scores/composition.json``.
 
 ``--judge vlm`` asks a vision-language model behind an OpenAI-compatible server (:mod:`diffprobe.judges.vlm`);
-:func:`judge_from_flags` builds the judge from the command-line flags.
+:func:`vlm_options` turns its command-line flags into the judge's options.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def category_of(question: dict[str, Any]) -> str:
     return str(kind)
 
 
-def _order(category: str) -> tuple[int, int, str]:
+def category_order(category: str) -> tuple[int, int, str]:
+    """Sort key of summary categories: counts by number, then attribute, then relations."""
     kind, _, rest = category.partition(" ")
     rank = {"count": 0, "attribute": 1, "relation": 2}.get(kind, 3)
     return (rank, int(rest) if kind == "count" and rest.isdigit() else 0, rest)
@@ -70,7 +71,7 @@ def summarize(rows: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, An
     groups: dict[str, list[bool | None]] = {}
     for r in rows:
         groups.setdefault(r["category"], []).append(r["correct"])
-    cats = {c: groups[c] for c in sorted(groups, key=_order)}
+    cats = {c: groups[c] for c in sorted(groups, key=category_order)}
     cats["all"] = [r["correct"] for r in rows]
     out: dict[str, Any] = {}
     for name, values in cats.items():
@@ -87,8 +88,27 @@ def default_batch_size(judge: Judge) -> int:
     return max(BATCH, 4 * int(getattr(judge, "concurrency", 1)))
 
 
+def build_judges(names: list[str], options: dict[str, Any] | None = None) -> list[Judge]:
+    """The judges named, each made with the options its factory takes (an option left at None is not given).
+    An option given once applies to every named judge that takes it; one that none takes is an InputError."""
+    from ..judges import judge_options, make_judge
+
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    accepted = [judge_options(name) for name in names]
+    if unused := sorted(k for k in given if all(a is not None and k not in a for a in accepted)):
+        raise InputError(f"option(s) {', '.join(unused)} apply to no chosen judge ({', '.join(names)}); "
+                         "leave them out or choose a judge that takes them")
+    return [make_judge(name, **{k: v for k, v in given.items() if a is None or k in a})
+            for name, a in zip(names, accepted, strict=True)]
+
+
 def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
-              progress: bool = True, batch_size: int | None = None) -> JudgeResult:
+              progress: bool = True, batch_size: int | None = None, write: bool = True,
+              summary_out: Path | None = None) -> JudgeResult:
+    """Judge every image of the run with a question (resumable), then, with ``write``, write the per-image JSONL
+    (``out``) and the summary JSON (``summary_out``; defaults under RUN/scores/). ``write=False`` only stores the
+    verdicts and returns them (agreement between two judges reads them that way). ``batch_size`` defaults to
+    :func:`default_batch_size`."""
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
     from ..prompts import Prompt
@@ -100,8 +120,9 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
     batch_size = default_batch_size(judge) if batch_size is None else batch_size
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if out is not None:
-        check_writable(out)
+    for target in (out, summary_out) if write else ():
+        if target is not None:
+            check_writable(target)
     store = open_run(run_dir, write=True)
     try:
         report = store.repair()
@@ -115,6 +136,8 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
         for s in store.samples():
             if s.prompt not in questions:
                 q, reason = question_for(Prompt(s.prompt, s.prompt_meta))
+                if q is not None and (cannot := judge.supports(q)):
+                    q, reason = None, cannot  # e.g. a colour question for a detector without a CLIP
                 questions[s.prompt] = (q, reason if q is None else canonical_identity(question_dict(q)))
             q, qjson = questions[s.prompt]
             if q is None:
@@ -152,10 +175,12 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
                                 "question": question, "image_sha256": s.image_sha256})
         result.summary = {"metric": SUMMARY_NAME, "judge": identity, "run": str(store.root),
                           **summarize(result.rows, result.skipped)}
+        if not write:
+            return result
         result.jsonl = out or store.root / SCORES_DIR / f"{SUMMARY_NAME}.jsonl"
         with writing(result.jsonl) as path:
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows), encoding="utf-8")
-        result.summary_path = store.root / SCORES_DIR / f"{SUMMARY_NAME}.json"
+        result.summary_path = summary_out or store.root / SCORES_DIR / f"{SUMMARY_NAME}.json"
         per_image = [{"key": r["key"], "prompt": r["prompt"], "seed": r["seed"], "category": r["category"],
                       "score": float(r["correct"])} for r in result.rows if r["correct"] is not None]
         write_json({**result.summary, "per_image": per_image}, result.summary_path)
@@ -176,42 +201,87 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def judge_from_flags(judge: str, *, url: str | None = None, model: str | None = None,
-                     templates: list[str] | None = None, parser: str | None = None, temperature: float | None = None,
-                     max_tokens: int | None = None, concurrency: int | None = None, timeout: float | None = None,
-                     retries: int | None = None, api_key_env: str | None = None,
-                     image_detail: str | None = None) -> Judge:
-    """The judge the command-line flags describe; a flag that the chosen judge does not take is an InputError."""
-    from ..judges import make_judge
+DETECTOR_PANEL = "Detector judge (--judge detector)"
+
+
+def detector_options(judges: list[str], *, detector: str | None, clip: str | None,
+                     box_threshold: float | None, nms_iou: float | None, margin: float | None, pairs: str | None,
+                     device: str | None) -> dict[str, Any]:
+    """The detector judge's ``make_judge`` options from its flags: only the flags given, so the judge's own defaults
+    apply to the rest; a detector flag with another judge is a mistake."""
+    given = {k: v for k, v in {"detector": detector, "clip": clip, "box_threshold": box_threshold,
+                               "nms_iou": nms_iou, "margin": margin, "pairs": pairs, "device": device}.items()
+             if v is not None}
+    if "detector" not in judges:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise InputError(f"{flags} belong to the detector judge; add --judge detector or leave them out")
+        return {}
+    if "detector" not in given:
+        raise InputError("--judge detector needs --detector MODEL: a hub id (google/owlv2-base-patch16-ensemble, "
+                         "IDEA-Research/grounding-dino-tiny) or a local folder")
+    return given
+
+
+VLM_PANEL = "VLM judge (--judge vlm)"
+_VLM_FLAGS = {"url": "--judge-url", "model": "--judge-model", "templates": "--template", "detail": "--image-detail"}
+
+
+def vlm_options(judges: list[str], *, url: str | None, model: str | None, templates: list[str] | None,
+                parser: str | None, temperature: float | None, max_tokens: int | None, concurrency: int | None,
+                timeout: float | None, retries: int | None, api_key_env: str | None,
+                image_detail: str | None) -> dict[str, Any]:
+    """The VLM judge's ``make_judge`` options from its flags (only those given, so the judge's defaults apply to the
+    rest); a VLM flag with no VLM judge chosen is a mistake."""
     from ..judges.vlm import parse_template_option
 
-    vlm = {"url": url, "model": model, "parser": parser, "temperature": temperature, "max_tokens": max_tokens,
-           "concurrency": concurrency, "timeout": timeout, "retries": retries, "api_key_env": api_key_env,
-           "detail": image_detail,
-           "templates": dict(parse_template_option(t) for t in templates) if templates else None}
-    given = {k: v for k, v in vlm.items() if v is not None}
-    if judge == "vlm":
-        return make_judge("vlm", **given)
-    if given:
-        flags = ", ".join("--" + {"url": "judge-url", "model": "judge-model", "templates": "template",
-                                      "detail": "image-detail"}.get(
-            k, k.replace("_", "-")) for k in given)
-        raise InputError(f"{flags} only apply to --judge vlm (the judge is {judge!r})")
-    return make_judge(judge)
+    given = {k: v for k, v in {
+        "url": url, "model": model, "parser": parser, "temperature": temperature, "max_tokens": max_tokens,
+        "concurrency": concurrency, "timeout": timeout, "retries": retries, "api_key_env": api_key_env,
+        "detail": image_detail,
+        "templates": dict(parse_template_option(t) for t in templates) if templates else None}.items()
+        if v is not None}
+    if "vlm" not in judges and given:
+        flags = ", ".join(_VLM_FLAGS.get(k, "--" + k.replace("_", "-")) for k in given)
+        raise InputError(f"{flags} belong to the VLM judge; add --judge vlm or leave them out")
+    return given if "vlm" in judges else {}
 
 
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
-        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world) "
-                                  "or vlm (a vision-language model behind an OpenAI-compatible server)."),
+        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world), "
+                                  "detector (open-vocabulary detector: --detector MODEL), vlm (a vision-language "
+                                  "model behind an OpenAI-compatible server: --judge-url URL --judge-model NAME)."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Per-image JSONL (default: "
-                                        "RUN/scores/composition.jsonl)."),
+                                        "RUN/scores/composition.jsonl); with --agreement, the agreement JSON "
+                                        "(default: RUN/scores/agreement_<A>_vs_<B>.json)."),
+        agreement: bool = typer.Option(False, "--agreement", help="Compare --judge (A) with --against (B) on the "
+                                       "same images: accuracy, Cohen's kappa and the confusion table per "
+                                       "category. Images a judge has not judged yet are judged first."),
+        against: str | None = typer.Option(None, "--against", help="With --agreement: the judge to compare with "
+                                           "(B), made with the same judge options where it takes them."),
         batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per judge call (each batch "
                                               f"is committed to the run at once; default {BATCH}, or 4 x "
                                               "--concurrency when that is more)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        detector: str | None = typer.Option(None, "--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
+                                            "local folder.", rich_help_panel=DETECTOR_PANEL),
+        box_threshold: float | None = typer.Option(None, "--box-threshold", help="Boxes count when their score is "
+                                                   "above this (default 0.3).", rich_help_panel=DETECTOR_PANEL),
+        nms_iou: float | None = typer.Option(None, "--nms-iou", help="Boxes of one noun overlapping a better one by "
+                                             "more IoU are duplicates (default 0.5; 1 keeps all).",
+                                             rich_help_panel=DETECTOR_PANEL),
+        margin: float | None = typer.Option(None, "--margin", help="Relation margin, a fraction of the two boxes' "
+                                            "summed size (default 0.1, as GenEval).", rich_help_panel=DETECTOR_PANEL),
+        pairs: str | None = typer.Option(None, "--pairs", help="Relations: any (some box of each object, default) "
+                                         "or top (the best box of each, as GenEval).", rich_help_panel=DETECTOR_PANEL),
+        clip: str | None = typer.Option(None, "--clip", help="CLIP hub id, alias (clip-vit-l14) or folder that "
+                                        "reads box colours; without it colour questions are skipped.",
+                                        rich_help_panel=DETECTOR_PANEL),
+        device: str | None = typer.Option(None, "--device", help="Device of the detector and CLIP: cuda, mps, cpu "
+                                          "(default: the best available).", rich_help_panel=DETECTOR_PANEL),
         # --judge vlm
         judge_url: str | None = typer.Option(
             None, "--judge-url", rich_help_panel=VLM_PANEL,
@@ -226,7 +296,8 @@ def register(app: typer.Typer) -> None:
                  "'count=How many {plural} do you see?'); repeatable."),
         parser: str | None = typer.Option(
             None, "--parser", rich_help_panel=VLM_PANEL,
-            help="Answer parser: strict (default) or rrs-substring (the reliable-seeds code's substring rule)."),
+            help="Answer parser: strict (default), rrs-substring (the reliable-seeds mining's substring rule) or "
+                 "rrs-eval (its evaluation's regexes)."),
         temperature: float | None = typer.Option(
             None, "--temperature", rich_help_panel=VLM_PANEL,
             help="Sampling temperature (default 0, greedy; the reliable-seeds paper mined with 0.8)."),
@@ -250,18 +321,43 @@ def register(app: typer.Typer) -> None:
                  "used low). Default: not sent."),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
+        from ..store import open_run
+
         console = Console(stderr=True)
-        the_judge = judge_from_flags(judge, url=judge_url, model=judge_model, templates=template, parser=parser,
-                                     temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
-                                     timeout=timeout, retries=retries, api_key_env=api_key_env,
-                                     image_detail=image_detail)
+        names = [judge] + ([against] if against else [])
+        # the judges' own options, each given to the judges whose factory takes it (judge_options(name))
+        options = detector_options(names, detector=detector, clip=clip, box_threshold=box_threshold,
+                                   nms_iou=nms_iou, margin=margin, pairs=pairs, device=device)
+        options |= vlm_options(names, url=judge_url, model=judge_model, templates=template, parser=parser,
+                               temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
+                               timeout=timeout, retries=retries, api_key_env=api_key_env, image_detail=image_detail)
+        if against is not None and not agreement:
+            raise InputError("--against is for --agreement: add --agreement to compare the two judges")
+        if agreement and against is None:
+            raise InputError("--agreement needs --against NAME, the judge to compare --judge with")
+        if options:
+            open_run(run).close()  # a wrong run directory fails before a detector loads
+        made: list[Judge] = []
         try:
-            result = judge_run(run, the_judge, out=out, console=console, progress=not quiet, batch_size=batch_size)
+            if agreement:
+                from .agreement import agreement_lines, agreement_run
+
+                made = build_judges([judge, against], options)
+                judge_a, judge_b = made
+                report = agreement_run(run, judge_a, judge_b, out=out, console=console, progress=not quiet,
+                                       batch_size=batch_size, names=(judge, against))
+                console.print(message(f"agreement written to {report['path']}"))
+                for line in agreement_lines(report):
+                    typer.echo(line)
+                return
+            made = build_judges([judge], options)
+            result = judge_run(run, made[0], out=out, console=console, progress=not quiet, batch_size=batch_size)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
             sys.exit(130)
         finally:
-            the_judge.close()
+            for each in made:
+                each.close()
         console.print(message(f"{result.judged} judged, {result.already} already judged, "
                               f"{sum(result.skipped.values())} skipped; per-image verdicts in {result.jsonl}, "
                               f"summary in {result.summary_path}"))

@@ -32,9 +32,9 @@ from typing import Any
 from PIL import Image
 
 from .answers import WORD_OF
-from .base import RELATION_WORDS, Question, Verdict
-from .questions import object_spec
-from .vlm import DEFAULT_TEMPLATES, TEMPLATES, plural, resolve_template
+from .base import RELATION_WORDS, ObjectSpec, Question, Verdict
+from .questions import object_spec, plural_of
+from .vlm import DEFAULT_TEMPLATES, TEMPLATES, resolve_template
 
 _RELATION_OF = {words: name for name, words in RELATION_WORDS.items()}
 
@@ -84,11 +84,11 @@ def _template_regex(text: str) -> re.Pattern[str]:
 
 
 def _singular(phrase: str) -> str:
-    words = phrase.split()
-    last = words[-1]
-    for sing, plu in ((w, plural(w)) for w in (last[:-1], last[:-2], last[:-3] + "y")):
-        if sing and plu == last:
-            return " ".join([*words[:-1], sing])
+    """The singular of a plural noun phrase, as the judge's plural_of would have written it."""
+    *head, last = phrase.split()
+    for sing in (last[:-1], last[:-2], last[:-3] + "y", last):
+        if sing and plural_of(ObjectSpec(sing)) == last:
+            return " ".join([*head, sing])
     return phrase
 
 
@@ -135,7 +135,7 @@ def sentence(question: Question, verdict: Verdict, wrong: bool = False) -> str:
     if question.kind == "count":
         n = int(verdict.answer) + (1 if wrong else 0)
         obj = question.objects[0]
-        plural_phrase = " ".join(w for w in (obj.size, obj.color, plural(obj.noun)) if w)
+        plural_phrase = plural_of(obj)
         if n == 0:
             return f"There are no {plural_phrase} in this image."
         if n == 1:

@@ -37,7 +37,8 @@ from PIL import Image
 
 from ..errors import DiffprobeError, InputError
 from .answers import DEFAULT_PARSER, get_parser
-from .base import RELATION_WORDS, Judge, ObjectSpec, Question, Verdict
+from .base import RELATION_WORDS, Judge, Question, Verdict
+from .questions import plural_of
 
 
 class JudgeServerError(DiffprobeError):
@@ -66,32 +67,6 @@ MAX_RETRY_AFTER = 60.0
 
 # --- questions as text --------------------------------------------------------------------------------------
 
-_IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-              "goose": "geese", "tooth": "teeth", "foot": "feet", "ox": "oxen", "die": "dice", "leaf": "leaves",
-              "knife": "knives", "wife": "wives", "life": "lives", "wolf": "wolves", "shelf": "shelves",
-              "loaf": "loaves", "half": "halves", "calf": "calves", "scarf": "scarves", "thief": "thieves",
-              "elf": "elves", "cactus": "cacti", "tomato": "tomatoes", "potato": "potatoes", "hero": "heroes",
-              "mango": "mangoes", "echo": "echoes"}
-_SAME = frozenset({"sheep", "fish", "deer", "moose", "series", "species", "aircraft", "bison", "salmon", "shrimp"})
-
-
-def plural(noun: str) -> str:
-    """English plural of a noun (of its last word for "teddy bear"): regular rules plus common irregulars."""
-    head, _, last = noun.rpartition(" ")
-    low = last.lower()
-    if low in _SAME:
-        word = last
-    elif low in _IRREGULAR:
-        word = _IRREGULAR[low]
-    elif re.search(r"(s|x|z|ch|sh)$", low):
-        word = last + "es"
-    elif re.search(r"[^aeiou]y$", low):
-        word = last[:-1] + "ies"
-    else:
-        word = last + "s"
-    return f"{head} {word}" if head else word
-
-
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
@@ -100,8 +75,7 @@ def question_fields(question: Question) -> dict[str, str]:
     """The values a template of the question's kind can use."""
     if question.kind == "count":
         obj = question.objects[0]
-        return {"plural": str(ObjectSpec(plural(obj.noun), obj.color, obj.size)), "object": str(obj),
-                "noun": obj.noun}
+        return {"plural": plural_of(obj), "object": str(obj), "noun": obj.noun}
     if question.kind == "relation":
         a, b = question.objects
         return {"a": _article(str(a)), "b": _article(str(b)), "relation": RELATION_WORDS[question.relation or ""]}
@@ -441,4 +415,4 @@ class VLMJudge(Judge):
 
 
 __all__ = ["DEFAULT_API_KEY_ENV", "DEFAULT_TEMPLATES", "FIELDS", "JudgeServerError", "TEMPLATES", "VLMJudge",
-           "parse_template_option", "plural", "question_fields", "resolve_template", "template_fields"]
+           "parse_template_option", "question_fields", "resolve_template", "template_fields"]
