@@ -364,3 +364,23 @@ def test_slow_replies_time_out_and_are_retried(server, items):
     server.faults.delay = 0.0
     assert judge.judge(items[0][0], items[0][2]).correct == ShapesJudge().judge(items[0][0], items[0][2]).correct
     judge.close()
+
+
+def test_agreement_of_the_vlm_judge_with_the_exact_judge(server, run):
+    res = invoke(["judge", run, "--agreement", "--judge", "vlm", "--judge-url", server.url, "--judge-model", "oracle",
+                  "--against", "shapes", "-q"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((run / "scores" / "agreement_vlm_vs_shapes.json").read_text(encoding="utf-8"))
+    everything = report["categories"]["all"]
+    assert everything["agree"] == everything["both_parsed"] == 20 and everything["accuracy"] == 1.0
+    assert everything["kappa"] == pytest.approx(1.0)
+    # A server that swaps yes and no, judged under another identity (a new parser): relations and attributes
+    # now all disagree with the exact judge.
+    server.faults.wrong = True
+    res = invoke(["judge", run, "--agreement", "--judge", "vlm", "--judge-url", server.url, "--judge-model", "oracle",
+                  "--parser", "rrs-eval", "--against", "shapes", "-q"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((run / "scores" / "agreement_vlm_vs_shapes.json").read_text(encoding="utf-8"))
+    for name, c in report["categories"].items():
+        if name.startswith(("relation", "attribute")):
+            assert c["agree"] == 0 and c["both_parsed"] > 0, name
