@@ -21,6 +21,7 @@ connections and malformed bodies (a server's ``Retry-After`` is honoured), then 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import random
@@ -67,6 +68,10 @@ MAX_RETRY_AFTER = 60.0
 
 # --- questions as text --------------------------------------------------------------------------------------
 
+# inflect takes about half a millisecond per plural; a run asks about a few nouns many times
+_plural_of = functools.lru_cache(maxsize=4096)(plural_of)
+
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
@@ -75,7 +80,7 @@ def question_fields(question: Question) -> dict[str, str]:
     """The values a template of the question's kind can use."""
     if question.kind == "count":
         obj = question.objects[0]
-        return {"plural": plural_of(obj), "object": str(obj), "noun": obj.noun}
+        return {"plural": _plural_of(obj), "object": str(obj), "noun": obj.noun}
     if question.kind == "relation":
         a, b = question.objects
         return {"a": _article(str(a)), "b": _article(str(b)), "relation": RELATION_WORDS[question.relation or ""]}
