@@ -384,3 +384,16 @@ def test_agreement_of_the_vlm_judge_with_the_exact_judge(server, run):
     for name, c in report["categories"].items():
         if name.startswith(("relation", "attribute")):
             assert c["agree"] == 0 and c["both_parsed"] > 0, name
+
+
+def test_each_judge_gets_only_its_own_options():
+    from diffprobe.commands.judge import build_judges
+    from diffprobe.judges import judge_options
+
+    vlm, detector = judge_options("vlm"), judge_options("detector")
+    assert {"url", "model", "templates", "parser", "temperature", "concurrency"} <= vlm and "detector" not in vlm
+    assert {"detector", "box_threshold", "clip"} <= detector and not {"url", "model", "templates"} & detector
+    made_vlm, made_shapes = build_judges(["vlm", "shapes"], {"url": "http://h/v1", "model": "m", "temperature": 0.5})
+    assert made_vlm.identity()["temperature"] == 0.5 and made_shapes.identity() == {"name": "shapes"}
+    with pytest.raises(InputError, match="apply to no chosen judge"):
+        build_judges(["shapes"], {"url": "http://h/v1"})
