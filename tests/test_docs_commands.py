@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
+VLM_SERVER = "a vision-language model server (vLLM or Ollama) with its weights and a GPU"
+VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.py runs the same flags against a "
+             "loopback OpenAI-compatible server)")
 DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
             "local detector)")
 SKIPPED = {
@@ -41,6 +44,15 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
+    "vllm serve Qwen/Qwen2-VL-7B-Instruct --port 8000": VLM_SERVER,
+    "ollama pull llama3.2-vision": VLM_SERVER,
+    "ollama serve": VLM_SERVER,
+    "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model "
+    "Qwen/Qwen2-VL-7B-Instruct": VLM_JUDGE,
+    "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:11434/v1 --judge-model llama3.2-vision":
+    VLM_JUDGE,
+    "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model "
+    "Qwen/Qwen2-VL-7B-Instruct --template 'count=How many {plural} do you see? Reply with a number.'": VLM_JUDGE,
     "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
     "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds 0 --out runs/comp90-eval": HUB + "; and the "
     "user's copy of Comp90 (tests/test_prompts.py loads the suites from small files)",

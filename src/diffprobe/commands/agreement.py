@@ -103,7 +103,7 @@ def agreement_run(run_dir: Path, judge_a: Judge, judge_b: Judge, *, out: Path | 
                   names: tuple[str, str] | None = None) -> dict[str, Any]:
     """Judge what each judge has not judged yet, then compare their verdicts; writes and returns the result
     (``result["path"]`` is where it went)."""
-    from .judge import BATCH, judge_run
+    from .judge import judge_run
 
     if judge_a.identity() == judge_b.identity():
         raise InputError(f"both judges have the same identity {judge_a.identity()}: their stored verdicts are the "
@@ -111,7 +111,7 @@ def agreement_run(run_dir: Path, judge_a: Judge, judge_b: Judge, *, out: Path | 
     name_a, name_b = names or (judge_a.name, judge_b.name)
     target = out or Path(run_dir) / SCORES_DIR / file_name(name_a, name_b)
     check_writable(target)
-    results = [judge_run(run_dir, judge, console=console, progress=progress, batch_size=batch_size or BATCH,
+    results = [judge_run(run_dir, judge, console=console, progress=progress, batch_size=batch_size,
                          write=False) for judge in (judge_a, judge_b)]
     result = {"metric": "agreement", "names": {"A": name_a, "B": name_b},
               "judges": {"A": results[0].judge, "B": results[1].judge}, "run": str(results[0].run_dir),

@@ -1,10 +1,13 @@
-"""``diffprobe judge RUN --judge shapes``: a compositional verdict per image, stored in the run (resumable).
+"""``diffprobe judge RUN --judge shapes|vlm``: a compositional verdict per image, stored in the run (resumable).
 
 Each sample's question comes from its prompt's metadata (:func:`diffprobe.judges.questions.question_for`); a prompt
 without one is skipped with the reason, never judged wrong. Verdicts are keyed by (image sha256, judge identity,
 question), committed per batch, so a killed judge keeps what it stored and a re-run judges only the rest. Writes
 a per-image JSONL (GenEval-style: key, prompt, seed, category, correct, answer, reason) and a summary per category
 (count N, attribute, each relation) with Wilson 95 % intervals to ``RUN/scores/composition.json``.
+
+``--judge vlm`` asks a vision-language model behind an OpenAI-compatible server (:mod:`diffprobe.judges.vlm`);
+:func:`vlm_options` turns its command-line flags into the judge's options.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..metrics.provenance import write_json
 from .export import SCORES_DIR
 
 SUMMARY_NAME = "composition"
+VLM_PANEL = "VLM judge (--judge vlm)"
 BATCH = 16
 
 
@@ -79,6 +83,11 @@ def summarize(rows: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, An
     return {"categories": out, "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped)}
 
 
+def default_batch_size(judge: Judge) -> int:
+    """Images per judge call: at least :data:`BATCH`, and enough to keep a concurrent judge's requests busy."""
+    return max(BATCH, 4 * int(getattr(judge, "concurrency", 1)))
+
+
 def build_judges(names: list[str], options: dict[str, Any] | None = None) -> list[Judge]:
     """The judges named, each made with the options its factory takes (an option left at None is not given).
     An option given once applies to every named judge that takes it; one that none takes is an InputError."""
@@ -94,11 +103,12 @@ def build_judges(names: list[str], options: dict[str, Any] | None = None) -> lis
 
 
 def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
-              progress: bool = True, batch_size: int = BATCH, write: bool = True,
+              progress: bool = True, batch_size: int | None = None, write: bool = True,
               summary_out: Path | None = None) -> JudgeResult:
     """Judge every image of the run with a question (resumable), then, with ``write``, write the per-image JSONL
     (``out``) and the summary JSON (``summary_out``; defaults under RUN/scores/). ``write=False`` only stores the
-    verdicts and returns them (agreement between two judges reads them that way)."""
+    verdicts and returns them (agreement between two judges reads them that way). ``batch_size`` defaults to
+    :func:`default_batch_size`."""
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
     from ..prompts import Prompt
@@ -107,6 +117,7 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
     console = console or Console(stderr=True)
     if isinstance(judge, str):
         judge = make_judge(judge)
+    batch_size = default_batch_size(judge) if batch_size is None else batch_size
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     for target in (out, summary_out) if write else ():
@@ -212,12 +223,37 @@ def detector_options(judges: list[str], *, detector: str | None, clip: str | Non
     return given
 
 
+VLM_PANEL = "VLM judge (--judge vlm)"
+_VLM_FLAGS = {"url": "--judge-url", "model": "--judge-model", "templates": "--template", "detail": "--image-detail"}
+
+
+def vlm_options(judges: list[str], *, url: str | None, model: str | None, templates: list[str] | None,
+                parser: str | None, temperature: float | None, max_tokens: int | None, concurrency: int | None,
+                timeout: float | None, retries: int | None, api_key_env: str | None,
+                image_detail: str | None) -> dict[str, Any]:
+    """The VLM judge's ``make_judge`` options from its flags (only those given, so the judge's defaults apply to the
+    rest); a VLM flag with no VLM judge chosen is a mistake."""
+    from ..judges.vlm import parse_template_option
+
+    given = {k: v for k, v in {
+        "url": url, "model": model, "parser": parser, "temperature": temperature, "max_tokens": max_tokens,
+        "concurrency": concurrency, "timeout": timeout, "retries": retries, "api_key_env": api_key_env,
+        "detail": image_detail,
+        "templates": dict(parse_template_option(t) for t in templates) if templates else None}.items()
+        if v is not None}
+    if "vlm" not in judges and given:
+        flags = ", ".join(_VLM_FLAGS.get(k, "--" + k.replace("_", "-")) for k in given)
+        raise InputError(f"{flags} belong to the VLM judge; add --judge vlm or leave them out")
+    return given if "vlm" in judges else {}
+
+
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
         judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world), "
-                                  "detector (open-vocabulary detector: --detector MODEL)."),
+                                  "detector (open-vocabulary detector: --detector MODEL), vlm (a vision-language "
+                                  "model behind an OpenAI-compatible server: --judge-url URL --judge-model NAME)."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Per-image JSONL (default: "
                                         "RUN/scores/composition.jsonl); with --agreement, the agreement JSON "
                                         "(default: RUN/scores/agreement_<A>_vs_<B>.json)."),
@@ -226,8 +262,9 @@ def register(app: typer.Typer) -> None:
                                        "category. Images a judge has not judged yet are judged first."),
         against: str | None = typer.Option(None, "--against", help="With --agreement: the judge to compare with "
                                            "(B), made with the same judge options where it takes them."),
-        batch_size: int = typer.Option(BATCH, "--batch-size", "-b", help="Images per judge call (each batch is "
-                                       "committed to the run at once)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per judge call (each batch "
+                                              f"is committed to the run at once; default {BATCH}, or 4 x "
+                                              "--concurrency when that is more)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         detector: str | None = typer.Option(None, "--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
                                             "local folder.", rich_help_panel=DETECTOR_PANEL),
@@ -245,6 +282,43 @@ def register(app: typer.Typer) -> None:
                                         rich_help_panel=DETECTOR_PANEL),
         device: str | None = typer.Option(None, "--device", help="Device of the detector and CLIP: cuda, mps, cpu "
                                           "(default: the best available).", rich_help_panel=DETECTOR_PANEL),
+        # --judge vlm
+        judge_url: str | None = typer.Option(
+            None, "--judge-url", rich_help_panel=VLM_PANEL,
+            help="The server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
+                 "http://127.0.0.1:11434/v1 (Ollama)."),
+        judge_model: str | None = typer.Option(
+            None, "--judge-model", rich_help_panel=VLM_PANEL,
+            help="The model name the server serves (GET /v1/models)."),
+        template: list[str] | None = typer.Option(
+            None, "--template", rich_help_panel=VLM_PANEL,
+            help="KIND=NAME or KIND=TEXT, KIND count, relation or attribute (e.g. count=number-count, or "
+                 "'count=How many {plural} do you see?'); repeatable."),
+        parser: str | None = typer.Option(
+            None, "--parser", rich_help_panel=VLM_PANEL,
+            help="Answer parser: strict (default), rrs-substring (the reliable-seeds mining's substring rule) or "
+                 "rrs-eval (its evaluation's regexes)."),
+        temperature: float | None = typer.Option(
+            None, "--temperature", rich_help_panel=VLM_PANEL,
+            help="Sampling temperature (default 0, greedy; the reliable-seeds paper mined with 0.8)."),
+        max_tokens: int | None = typer.Option(
+            None, "--max-tokens", rich_help_panel=VLM_PANEL, help="Most tokens per answer (default 300)."),
+        concurrency: int | None = typer.Option(
+            None, "--concurrency", rich_help_panel=VLM_PANEL, help="Requests in flight at once (default 8)."),
+        timeout: float | None = typer.Option(
+            None, "--timeout", rich_help_panel=VLM_PANEL,
+            help="Seconds per request before it counts as failed and is retried (default 60)."),
+        retries: int | None = typer.Option(
+            None, "--retries", rich_help_panel=VLM_PANEL,
+            help="Retries of a request that failed with 429, 5xx, a timeout or a dropped connection, with "
+                 "exponential backoff (default 4)."),
+        api_key_env: str | None = typer.Option(
+            None, "--api-key-env", rich_help_panel=VLM_PANEL,
+            help="Environment variable holding the API key (default DIFFPROBE_JUDGE_API_KEY)."),
+        image_detail: str | None = typer.Option(
+            None, "--image-detail", rich_help_panel=VLM_PANEL,
+            help="low, high or auto: the image_url 'detail' field (OpenAI's API; the paper's GPT-4o evaluation "
+                 "used low). Default: not sent."),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         from ..store import open_run
@@ -254,28 +328,36 @@ def register(app: typer.Typer) -> None:
         # the judges' own options, each given to the judges whose factory takes it (judge_options(name))
         options = detector_options(names, detector=detector, clip=clip, box_threshold=box_threshold,
                                    nms_iou=nms_iou, margin=margin, pairs=pairs, device=device)
+        options |= vlm_options(names, url=judge_url, model=judge_model, templates=template, parser=parser,
+                               temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
+                               timeout=timeout, retries=retries, api_key_env=api_key_env, image_detail=image_detail)
         if against is not None and not agreement:
             raise InputError("--against is for --agreement: add --agreement to compare the two judges")
         if agreement and against is None:
             raise InputError("--agreement needs --against NAME, the judge to compare --judge with")
         if options:
             open_run(run).close()  # a wrong run directory fails before a detector loads
+        made: list[Judge] = []
         try:
             if agreement:
                 from .agreement import agreement_lines, agreement_run
 
-                judge_a, judge_b = build_judges([judge, against], options)
+                made = build_judges([judge, against], options)
+                judge_a, judge_b = made
                 report = agreement_run(run, judge_a, judge_b, out=out, console=console, progress=not quiet,
                                        batch_size=batch_size, names=(judge, against))
                 console.print(message(f"agreement written to {report['path']}"))
                 for line in agreement_lines(report):
                     typer.echo(line)
                 return
-            [made] = build_judges([judge], options)
-            result = judge_run(run, made, out=out, console=console, progress=not quiet, batch_size=batch_size)
+            made = build_judges([judge], options)
+            result = judge_run(run, made[0], out=out, console=console, progress=not quiet, batch_size=batch_size)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
             sys.exit(130)
+        finally:
+            for each in made:
+                each.close()
         console.print(message(f"{result.judged} judged, {result.already} already judged, "
                               f"{sum(result.skipped.values())} skipped; per-image verdicts in {result.jsonl}, "
                               f"summary in {result.summary_path}"))

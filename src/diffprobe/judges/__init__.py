@@ -1,8 +1,10 @@
 """Compositional judges: ``make_judge(name).judge(image, question) -> Verdict``.
 
-Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`) and ``detector``
+Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`), ``detector``
 (open-vocabulary detector with box rules, :mod:`diffprobe.judges.detector`; options: ``detector=MODEL``, ``clip``,
-``box_threshold``, ``nms_iou``, ``margin``, ``pairs``, ``device``).
+``box_threshold``, ``nms_iou``, ``margin``, ``pairs``, ``device``) and ``vlm`` (a vision-language model behind an
+OpenAI-compatible server, :mod:`diffprobe.judges.vlm`; options: the keyword parameters of ``VLMJudge``, ``url``,
+``model``, ``templates``, ``parser``, ``temperature``, ...).
 Reading free-text answers (strict and ``rrs-substring`` parsers): :mod:`diffprobe.judges.answers`.
 Questions from prompts (``question_for``, spatial and question-field prompt files): :mod:`diffprobe.judges.questions`.
 """
@@ -34,13 +36,28 @@ def _shapes() -> Judge:
 register_judge("shapes", _shapes)
 
 
-def _detector(**options: object) -> Judge:
-    from .detector import make_detector_judge
+class LazyFactory:
+    """A judge factory imported on first use (the detector needs torch and transformers) whose signature is the
+    real factory's, so :func:`judge_options` lists the options it takes."""
 
-    return make_detector_judge(**options)  # type: ignore[arg-type]
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def target(self) -> Callable[..., Judge]:
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.target())
+
+    def __call__(self, **options: object) -> Judge:
+        return self.target()(**options)
 
 
-register_judge("detector", _detector)
+register_judge("detector", LazyFactory("diffprobe.judges.detector", "make_detector_judge"))
+register_judge("vlm", LazyFactory("diffprobe.judges.vlm", "VLMJudge"))
 
 
 def make_judge(name: str, **options: object) -> Judge:
@@ -64,5 +81,5 @@ def judge_options(name: str) -> frozenset[str] | None:
 
 
 __all__ = ["PARSERS", "AnswerVerdict", "Judge", "ObjectSpec", "Parser", "Question", "Verdict", "available_judges",
-           "get_parser", "judge_options", "make_judge", "parse_count", "parse_yes_no", "question_for",
+           "LazyFactory", "get_parser", "judge_options", "make_judge", "parse_count", "parse_yes_no", "question_for",
            "read_question_prompts", "read_spatial_prompts", "register_judge"]

@@ -75,6 +75,10 @@ class Judge(ABC):
         template, answer parser or decoding parameters) must return a different identity. Default: its name."""
         return {"name": self.name}
 
+    def close(self) -> None:
+        """Release what the judge holds (connections, models). Default: nothing."""
+        return None
+
     def supports(self, question: Question) -> str | None:
         """Why this judge cannot judge ``question`` (a detector without a CLIP cannot read colours), or None when it
         can. ``diffprobe judge`` skips such questions with this reason; it never counts them as wrong."""
