@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -151,6 +151,8 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
             else:
                 todo.append((s, q, qjson))
             judged_items.append((s, qjson))
+        if todo:
+            judge.check()  # a server that cannot answer fails here, before the progress bar and any verdict
         bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=console, disable=not progress, transient=False)
         with bar:
@@ -201,6 +203,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+JUDGE_HELP = ("Judge: shapes (exact judge of the shapes world), detector (open-vocabulary detector: --detector "
+              "MODEL), vlm (a vision-language model behind an OpenAI-compatible server: --judge-url URL --judge-model "
+              "NAME).")
+BATCH_HELP = (f"Images per judge call (each batch is committed to the run at once; default {BATCH}, or 4 x "
+              "--concurrency when that is more).")
 DETECTOR_PANEL = "Detector judge (--judge detector)"
 
 
@@ -247,13 +254,75 @@ def vlm_options(judges: list[str], *, url: str | None, model: str | None, templa
     return given if "vlm" in judges else {}
 
 
+# The judges' own flags, defined once: `diffprobe judge` and `diffprobe score composition` both take them.
+DetectorModel = Annotated[str | None, typer.Option("--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
+                          "local folder.", rich_help_panel=DETECTOR_PANEL)]
+BoxThreshold = Annotated[float | None, typer.Option("--box-threshold", help="Boxes count when their score is above "
+                         "this (default 0.3).", rich_help_panel=DETECTOR_PANEL)]
+NmsIou = Annotated[float | None, typer.Option("--nms-iou", help="Boxes of one noun overlapping a better one by more "
+                   "IoU are duplicates (default 0.5; 1 keeps all).", rich_help_panel=DETECTOR_PANEL)]
+Margin = Annotated[float | None, typer.Option("--margin", help="Relation margin, a fraction of the two boxes' summed "
+                   "size (default 0.1, as GenEval).", rich_help_panel=DETECTOR_PANEL)]
+Pairs = Annotated[str | None, typer.Option("--pairs", help="Relations: any (some box of each object, default) or top "
+                  "(the best box of each, as GenEval).", rich_help_panel=DETECTOR_PANEL)]
+Clip = Annotated[str | None, typer.Option("--clip", help="CLIP hub id, alias (clip-vit-l14) or folder that reads box "
+                 "colours; without it colour questions are skipped.", rich_help_panel=DETECTOR_PANEL)]
+JudgeDevice = Annotated[str | None, typer.Option("--device", help="Device of the detector and CLIP: cuda, mps, cpu "
+                        "(default: the best available).", rich_help_panel=DETECTOR_PANEL)]
+JudgeUrl = Annotated[str | None, typer.Option(
+    "--judge-url", rich_help_panel=VLM_PANEL, help="The server's OpenAI-compatible base URL, e.g. "
+    "http://127.0.0.1:8000/v1 (vLLM) or http://127.0.0.1:11434/v1 (Ollama).")]
+JudgeModel = Annotated[str | None, typer.Option(
+    "--judge-model", rich_help_panel=VLM_PANEL, help="The model name the server serves (GET /v1/models).")]
+Template = Annotated[list[str] | None, typer.Option(
+    "--template", rich_help_panel=VLM_PANEL, help="KIND=NAME or KIND=TEXT, KIND count, relation or attribute (e.g. "
+    "count=number-count, or 'count=How many {plural} do you see?'); repeatable.")]
+AnswerParser = Annotated[str | None, typer.Option(
+    "--parser", rich_help_panel=VLM_PANEL, help="Answer parser: strict (default), rrs-substring (the reliable-seeds "
+    "mining's substring rule) or rrs-eval (its evaluation's regexes).")]
+Temperature = Annotated[float | None, typer.Option(
+    "--temperature", rich_help_panel=VLM_PANEL,
+    help="Sampling temperature (default 0, greedy; the reliable-seeds paper mined with 0.8).")]
+MaxTokens = Annotated[int | None, typer.Option(
+    "--max-tokens", rich_help_panel=VLM_PANEL, help="Most tokens per answer (default 300).")]
+Concurrency = Annotated[int | None, typer.Option(
+    "--concurrency", rich_help_panel=VLM_PANEL, help="Requests in flight at once (default 8).")]
+Timeout = Annotated[float | None, typer.Option(
+    "--timeout", rich_help_panel=VLM_PANEL,
+    help="Seconds per request before it counts as failed and is retried (default 60).")]
+Retries = Annotated[int | None, typer.Option(
+    "--retries", rich_help_panel=VLM_PANEL, help="Retries of a request that failed with 429, 5xx, a timeout or a "
+    "dropped connection, with exponential backoff (default 4).")]
+ApiKeyEnv = Annotated[str | None, typer.Option(
+    "--api-key-env", rich_help_panel=VLM_PANEL,
+    help="Environment variable holding the API key (default DIFFPROBE_JUDGE_API_KEY).")]
+ImageDetail = Annotated[str | None, typer.Option(
+    "--image-detail", rich_help_panel=VLM_PANEL, help="low, high or auto: the image_url 'detail' field (OpenAI's "
+    "API; the paper's GPT-4o evaluation used low). Default: not sent.")]
+
+
+def judge_flag_options(judges: list[str], *, detector: str | None = None, clip: str | None = None,
+                       box_threshold: float | None = None, nms_iou: float | None = None, margin: float | None = None,
+                       pairs: str | None = None, device: str | None = None, judge_url: str | None = None,
+                       judge_model: str | None = None, template: list[str] | None = None, parser: str | None = None,
+                       temperature: float | None = None, max_tokens: int | None = None,
+                       concurrency: int | None = None, timeout: float | None = None, retries: int | None = None,
+                       api_key_env: str | None = None, image_detail: str | None = None) -> dict[str, Any]:
+    """The judges' ``make_judge`` options from the judge flags (each judge's flags checked against the judges chosen);
+    :func:`build_judges` gives each judge the options its factory takes."""
+    options = detector_options(judges, detector=detector, clip=clip, box_threshold=box_threshold, nms_iou=nms_iou,
+                               margin=margin, pairs=pairs, device=device)
+    return options | vlm_options(judges, url=judge_url, model=judge_model, templates=template, parser=parser,
+                                 temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
+                                 timeout=timeout, retries=retries, api_key_env=api_key_env,
+                                 image_detail=image_detail)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
-        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world), "
-                                  "detector (open-vocabulary detector: --detector MODEL), vlm (a vision-language "
-                                  "model behind an OpenAI-compatible server: --judge-url URL --judge-model NAME)."),
+        judge: str = typer.Option("shapes", "--judge", "-j", help=JUDGE_HELP),
         out: Path | None = typer.Option(None, "--out", "-o", help="Per-image JSONL (default: "
                                         "RUN/scores/composition.jsonl); with --agreement, the agreement JSON "
                                         "(default: RUN/scores/agreement_<A>_vs_<B>.json)."),
@@ -262,75 +331,37 @@ def register(app: typer.Typer) -> None:
                                        "category. Images a judge has not judged yet are judged first."),
         against: str | None = typer.Option(None, "--against", help="With --agreement: the judge to compare with "
                                            "(B), made with the same judge options where it takes them."),
-        batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per judge call (each batch "
-                                              f"is committed to the run at once; default {BATCH}, or 4 x "
-                                              "--concurrency when that is more)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", "-b", help=BATCH_HELP),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        detector: str | None = typer.Option(None, "--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
-                                            "local folder.", rich_help_panel=DETECTOR_PANEL),
-        box_threshold: float | None = typer.Option(None, "--box-threshold", help="Boxes count when their score is "
-                                                   "above this (default 0.3).", rich_help_panel=DETECTOR_PANEL),
-        nms_iou: float | None = typer.Option(None, "--nms-iou", help="Boxes of one noun overlapping a better one by "
-                                             "more IoU are duplicates (default 0.5; 1 keeps all).",
-                                             rich_help_panel=DETECTOR_PANEL),
-        margin: float | None = typer.Option(None, "--margin", help="Relation margin, a fraction of the two boxes' "
-                                            "summed size (default 0.1, as GenEval).", rich_help_panel=DETECTOR_PANEL),
-        pairs: str | None = typer.Option(None, "--pairs", help="Relations: any (some box of each object, default) "
-                                         "or top (the best box of each, as GenEval).", rich_help_panel=DETECTOR_PANEL),
-        clip: str | None = typer.Option(None, "--clip", help="CLIP hub id, alias (clip-vit-l14) or folder that "
-                                        "reads box colours; without it colour questions are skipped.",
-                                        rich_help_panel=DETECTOR_PANEL),
-        device: str | None = typer.Option(None, "--device", help="Device of the detector and CLIP: cuda, mps, cpu "
-                                          "(default: the best available).", rich_help_panel=DETECTOR_PANEL),
-        # --judge vlm
-        judge_url: str | None = typer.Option(
-            None, "--judge-url", rich_help_panel=VLM_PANEL,
-            help="The server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
-                 "http://127.0.0.1:11434/v1 (Ollama)."),
-        judge_model: str | None = typer.Option(
-            None, "--judge-model", rich_help_panel=VLM_PANEL,
-            help="The model name the server serves (GET /v1/models)."),
-        template: list[str] | None = typer.Option(
-            None, "--template", rich_help_panel=VLM_PANEL,
-            help="KIND=NAME or KIND=TEXT, KIND count, relation or attribute (e.g. count=number-count, or "
-                 "'count=How many {plural} do you see?'); repeatable."),
-        parser: str | None = typer.Option(
-            None, "--parser", rich_help_panel=VLM_PANEL,
-            help="Answer parser: strict (default), rrs-substring (the reliable-seeds mining's substring rule) or "
-                 "rrs-eval (its evaluation's regexes)."),
-        temperature: float | None = typer.Option(
-            None, "--temperature", rich_help_panel=VLM_PANEL,
-            help="Sampling temperature (default 0, greedy; the reliable-seeds paper mined with 0.8)."),
-        max_tokens: int | None = typer.Option(
-            None, "--max-tokens", rich_help_panel=VLM_PANEL, help="Most tokens per answer (default 300)."),
-        concurrency: int | None = typer.Option(
-            None, "--concurrency", rich_help_panel=VLM_PANEL, help="Requests in flight at once (default 8)."),
-        timeout: float | None = typer.Option(
-            None, "--timeout", rich_help_panel=VLM_PANEL,
-            help="Seconds per request before it counts as failed and is retried (default 60)."),
-        retries: int | None = typer.Option(
-            None, "--retries", rich_help_panel=VLM_PANEL,
-            help="Retries of a request that failed with 429, 5xx, a timeout or a dropped connection, with "
-                 "exponential backoff (default 4)."),
-        api_key_env: str | None = typer.Option(
-            None, "--api-key-env", rich_help_panel=VLM_PANEL,
-            help="Environment variable holding the API key (default DIFFPROBE_JUDGE_API_KEY)."),
-        image_detail: str | None = typer.Option(
-            None, "--image-detail", rich_help_panel=VLM_PANEL,
-            help="low, high or auto: the image_url 'detail' field (OpenAI's API; the paper's GPT-4o evaluation "
-                 "used low). Default: not sent."),
+        detector: DetectorModel = None,
+        box_threshold: BoxThreshold = None,
+        nms_iou: NmsIou = None,
+        margin: Margin = None,
+        pairs: Pairs = None,
+        clip: Clip = None,
+        device: JudgeDevice = None,
+        judge_url: JudgeUrl = None,
+        judge_model: JudgeModel = None,
+        template: Template = None,
+        parser: AnswerParser = None,
+        temperature: Temperature = None,
+        max_tokens: MaxTokens = None,
+        concurrency: Concurrency = None,
+        timeout: Timeout = None,
+        retries: Retries = None,
+        api_key_env: ApiKeyEnv = None,
+        image_detail: ImageDetail = None,
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         from ..store import open_run
 
         console = Console(stderr=True)
         names = [judge] + ([against] if against else [])
-        # the judges' own options, each given to the judges whose factory takes it (judge_options(name))
-        options = detector_options(names, detector=detector, clip=clip, box_threshold=box_threshold,
-                                   nms_iou=nms_iou, margin=margin, pairs=pairs, device=device)
-        options |= vlm_options(names, url=judge_url, model=judge_model, templates=template, parser=parser,
-                               temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
-                               timeout=timeout, retries=retries, api_key_env=api_key_env, image_detail=image_detail)
+        options = judge_flag_options(
+            names, detector=detector, clip=clip, box_threshold=box_threshold, nms_iou=nms_iou, margin=margin,
+            pairs=pairs, device=device, judge_url=judge_url, judge_model=judge_model, template=template, parser=parser,
+            temperature=temperature, max_tokens=max_tokens, concurrency=concurrency, timeout=timeout, retries=retries,
+            api_key_env=api_key_env, image_detail=image_detail)
         if against is not None and not agreement:
             raise InputError("--against is for --agreement: add --agreement to compare the two judges")
         if agreement and against is None:

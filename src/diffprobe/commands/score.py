@@ -15,6 +15,7 @@ from ..console import message
 from ..embed import FeatureCache
 from ..errors import check_writable
 from ..metrics.provenance import write_json
+from . import judge as jf
 
 score_app = typer.Typer(
     help="Score images: consistency (scs), diversity (irs), text alignment (clip), compositional accuracy "
@@ -232,18 +233,43 @@ def clip_cmd(
 @score_app.command("composition")
 def composition_cmd(
     run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
-    judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world)."),
+    judge: str = typer.Option("shapes", "--judge", "-j", help=jf.JUDGE_HELP),
     out: Annotated[Path | None, typer.Option(help="Output JSON (default: RUN/scores/composition.json).")] = None,
-    batch_size: BatchSize = 16,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help=jf.BATCH_HELP)] = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    detector: jf.DetectorModel = None,
+    box_threshold: jf.BoxThreshold = None,
+    nms_iou: jf.NmsIou = None,
+    margin: jf.Margin = None,
+    pairs: jf.Pairs = None,
+    clip: jf.Clip = None,
+    device: jf.JudgeDevice = None,
+    judge_url: jf.JudgeUrl = None,
+    judge_model: jf.JudgeModel = None,
+    template: jf.Template = None,
+    parser: jf.AnswerParser = None,
+    temperature: jf.Temperature = None,
+    max_tokens: jf.MaxTokens = None,
+    concurrency: jf.Concurrency = None,
+    timeout: jf.Timeout = None,
+    retries: jf.Retries = None,
+    api_key_env: jf.ApiKeyEnv = None,
+    image_detail: jf.ImageDetail = None,
 ) -> None:
     """Compositional accuracy per category (count N, attribute, each relation) with Wilson 95 % intervals: the
     summary 'diffprobe judge' writes. Images not judged yet are judged first (stored in the run, resumable)."""
-    from .judge import build_judges, judge_run, summary_lines
-
-    [made] = build_judges([judge])
-    result = judge_run(run, made, console=console, progress=not quiet, batch_size=batch_size, summary_out=out)
-    for line in summary_lines(result.summary):
+    options = jf.judge_flag_options(
+        [judge], detector=detector, clip=clip, box_threshold=box_threshold, nms_iou=nms_iou, margin=margin,
+        pairs=pairs, device=device, judge_url=judge_url, judge_model=judge_model, template=template, parser=parser,
+        temperature=temperature, max_tokens=max_tokens, concurrency=concurrency, timeout=timeout, retries=retries,
+        api_key_env=api_key_env, image_detail=image_detail)
+    [made] = jf.build_judges([judge], options)
+    try:
+        result = jf.judge_run(run, made, console=console, progress=not quiet, batch_size=batch_size,
+                              summary_out=out)
+    finally:
+        made.close()
+    for line in jf.summary_lines(result.summary):
         typer.echo(line)
     console.print(message(f"{result.judged} judged, {result.already} already judged; per-image verdicts in "
                           f"{result.jsonl}"))

@@ -75,6 +75,10 @@ class Judge(ABC):
         template, answer parser or decoding parameters) must return a different identity. Default: its name."""
         return {"name": self.name}
 
+    def check(self) -> None:
+        """Fail early, before any work, when the judge cannot answer (a server that is down). Default: nothing."""
+        return None
+
     def close(self) -> None:
         """Release what the judge holds (connections, models). Default: nothing."""
         return None

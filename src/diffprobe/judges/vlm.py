@@ -372,6 +372,9 @@ class VLMJudge(Judge):
         with self._lock:
             self._checked = True
 
+    def check(self) -> None:
+        self._ensure_checked()
+
     def _ensure_checked(self) -> None:
         with self._lock:
             if self._checked:
