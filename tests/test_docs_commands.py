@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+FMNIST = ("needs the dataset-fashion-mnist Debian package and about 10 CPU-minutes (tests/test_fd.py runs the study "
+          "on small folders and on features with a planted truth)")
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
@@ -39,6 +41,14 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
+    "diffprobe score fd runs/sd15 --ref coco_val_images --inception inception-2015-12-05.pt --resize clean":
+        "needs the FID Inception file, a download (tests/test_fd.py runs the TorchScript path on a tiny network)",
+    "python examples/fashion_mnist_folders.py --train-size 3000 --test-size 1000 --out /tmp/fd-fmnist-study": FMNIST,
+    "diffprobe score extractors --train /tmp/fd-fmnist-study/train --test /tmp/fd-fmnist-study/test --embedders "
+    "efficientnet-lite0@64,efficientnet-lite1@64,efficientnet-lite2@64,pixels,random-projection --out "
+    "/tmp/fd-fmnist-study/extractors.json": FMNIST,
+    "python examples/extractors_fashion_mnist.py --folders /tmp/fd-fmnist-study --result "
+    "/tmp/fd-fmnist-study/extractors.json": FMNIST,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 

@@ -322,6 +322,10 @@ def test_consensus_and_agreement_by_hand():
     assert out["min_agree"] == 2 and out["n_consensus"] == 3
     assert [r["agreement"] for r in out["per_extractor"]] == pytest.approx([2 / 3, 1.0, 2 / 3])
     assert [r["real_irs"]["k_measured"] for r in out["per_extractor"]] == [4, 4, 4]
+    # against the consensus of the two others (both must agree): a 1/2, b 1/1, c 1/2
+    assert out["min_agree_others"] == 2
+    assert [r["agreement_others"] for r in out["per_extractor"]] == pytest.approx([0.5, 1.0, 0.5])
+    assert [r["n_consensus_others"] for r in out["per_extractor"]] == [2, 1, 2]
     assert out["vote_histogram"] == {"1": 1, "2": 2, "3": 1}
     with pytest.raises(InputError, match="strict majority"):
         consensus(nn_idx, 1)
@@ -342,6 +346,8 @@ def test_planted_truth_is_recovered():
     agree = {r["extractor"]: r["agreement"] for r in out["per_extractor"]}
     assert agree["good1"] == agree["good2"] == agree["good3"] == 1.0
     assert agree["random"] < 0.05 and 0.05 < agree["noisy"] < 0.95
+    others = {r["extractor"]: r["agreement_others"] for r in out["per_extractor"]}
+    assert others["good1"] == 1.0 and others["random"] < 0.05
     names = out["extractors"]
     m = np.array(out["pairwise_agreement"])
     assert m[names.index("good1"), names.index("good2")] == 1.0
@@ -369,3 +375,34 @@ def test_cli_extractors_on_copied_images(tmp_path):
     res = CliRunner().invoke(app, ["score", "extractors", "--train", str(train), "--test", str(test), "--embedders",
                                    "pixels,random-projection", "--consensus", "1", "--out", str(out), "--no-cache"])
     assert res.exit_code == 2 and "strict majority" in res.output
+
+
+# ---------------------------------------------------------------- extractors for the study
+
+
+def test_pixel_and_random_projection_baselines():
+    rng = np.random.default_rng(11)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(3)]  # grayscale
+    pixels = get_embedder("pixels", device="cpu")
+    manual = np.stack([np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32)
+                       .transpose(2, 0, 1).ravel() / 255 for im in images])
+    np.testing.assert_allclose(pixels.embed(images), manual, atol=1e-6)
+    proj = get_embedder("random-projection", device="cpu")
+    assert proj.dim == 512 and "seed0" in proj.id
+    expected = manual @ get_embedder("random-projection", device="cpu").matrix.numpy()  # same seed, same matrix
+    np.testing.assert_allclose(proj.embed(images), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_efficientnet_lite1_lite2_load_strictly(variant):
+    from diffprobe.embed.effnet import LITE_VARIANTS, EfficientNetLite, lite_weights_path
+
+    state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
+    assert set(state) == set(EfficientNetLite(LITE_VARIANTS[variant][0]).state_dict())
+    emb = get_embedder(f"{variant}@64", device="cpu")
+    assert emb.id.startswith(f"{variant}|sha256:") and emb.preprocess.resize == 64
+    feats = emb.embed([Image.new("RGB", (28, 28), (120, 30, 200))])
+    assert feats.shape == (1, 1280) and np.isfinite(feats).all()
+    assert get_embedder(variant, device="cpu").preprocess.resize == LITE_VARIANTS[variant][1]
+    with pytest.raises(InputError, match="after @"):
+        get_embedder(f"{variant}@tiny")

@@ -320,12 +320,14 @@ def extractor_table(result: dict) -> str:
     """The per-extractor rows and the pairwise agreement matrix as plain text (also what docs quote)."""
     names = result["extractors"]
     width = max(len(n) for n in names) + 4
-    lines = [f"{'extractor':<{width}}{'agreement':>10}{'k':>7}{'IRS_inf':>9}  bounds"]
+    def rate(value) -> str:
+        return f"{value:.3f}" if value is not None else "n/a"
+
+    lines = [f"{'extractor':<{width}}{'agreement':>10}{'vs others':>10}{'k':>7}{'IRS_inf':>9}  bounds"]
     for row in result["per_extractor"]:
         r = row["real_irs"]
-        agree = f"{row['agreement']:.3f}" if row["agreement"] is not None else "n/a"
-        lines.append(f"{row['extractor']:<{width}}{agree:>10}{r['k_measured']:>7}{r['irs_inf']:>9.4f}  "
-                     f"[{r['irs_inf_l']:.4f}, {r['irs_inf_u']:.4f}]")
+        lines.append(f"{row['extractor']:<{width}}{rate(row['agreement']):>10}{rate(row.get('agreement_others')):>10}"
+                     f"{r['k_measured']:>7}{r['irs_inf']:>9.4f}  [{r['irs_inf_l']:.4f}, {r['irs_inf_u']:.4f}]")
     lines.append("")
     lines.append("pairwise agreement (same retrieved training image):")
     lines.append(" " * width + "".join(f"{i:>8}" for i in range(len(names))))

@@ -1,7 +1,8 @@
 """Image embedders behind one interface, and the feature cache.
 
 ``get_embedder(name)`` names: ``clip-vit-b32`` (and other CLIP ids or local CLIP folders, also as
-``clip:<id-or-path>``), ``efficientnet-lite0``, ``swav`` and ``inception`` (both need ``weights=FILE``),
+``clip:<id-or-path>``), ``efficientnet-lite0`` (and ``-lite1``, ``-lite2``; ``NAME@SIZE`` sets the input size, e.g.
+``efficientnet-lite0@64`` for small images), ``swav`` and ``inception`` (both need ``weights=FILE``),
 ``inception-torchscript`` (FID's standard TorchScript file, ``weights=FILE`` or ``inception-torchscript:FILE``),
 the baselines ``pixels`` and ``random-projection``, and ``auto``: CLIP ViT-B/32 when its weights can be loaded,
 else efficientnet-lite0 with a note saying so.
@@ -23,6 +24,8 @@ EMBEDDERS = (
     "clip-vit-b16",
     "clip-vit-l14",
     "efficientnet-lite0",
+    "efficientnet-lite1",
+    "efficientnet-lite2",
     "swav",
     "inception",
     "inception-torchscript",
@@ -72,11 +75,15 @@ def get_embedder(
             )
         embedder.note = note
         return embedder
-    if name == "efficientnet-lite0":
+    base_name, _, size = name.partition("@")
+    if base_name in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
         from .effnet import EfficientNetLite0Embedder
 
+        if size and not (size.isdigit() and 32 <= int(size) <= 1024):
+            raise InputError(f"'{name}': the input size after @ must be a whole number of pixels from 32 to 1024")
         embedder = EfficientNetLite0Embedder(
-            weights_path=str(weights) if weights else None, device=device, batch_size=batch_size
+            weights_path=str(weights) if weights else None, device=device, batch_size=batch_size, variant=base_name,
+            resolution=int(size) if size else None,
         )
     elif name == "swav":
         from .convnets import SwAVEmbedder

@@ -7,7 +7,8 @@ on the real test split (the "measurement gap": a perfect generator would score t
 agreement matrix (how often two extractors retrieve the same image).
 
 The consensus includes the extractor's own vote, as in the paper; with few extractors this favours each of them,
-so compare extractors with each other, not with 1.
+so compare extractors with each other, not with 1. ``agreement_others`` is the same rate against the consensus of
+the other extractors only (no vote of its own), which removes that bias.
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def consensus(neighbors: np.ndarray, min_agree: int) -> tuple[np.ndarray, np.nda
     return truth, top
 
 
+def leave_one_out_threshold(n_extractors: int, min_agree: int) -> int | None:
+    """The threshold for the consensus of the other n - 1 extractors: ``min_agree`` where that is still possible,
+    and at least a strict majority of them; None with fewer than 2 others."""
+    others = n_extractors - 1
+    if others < 2:
+        return None
+    return max(min(min_agree, others), default_min_agree(others))
+
+
+def _agreement(retrieved: np.ndarray, truth: np.ndarray) -> float | None:
+    has_truth = truth >= 0
+    return float((retrieved[has_truth] == truth[has_truth]).mean()) if has_truth.any() else None
+
+
 def agreement_matrix(neighbors: np.ndarray) -> np.ndarray:
     """[extractors, extractors]: the fraction of queries for which two extractors retrieve the same image."""
     return (neighbors[:, None, :] == neighbors[None, :, :]).mean(axis=2)
@@ -67,20 +82,24 @@ def extractor_agreement(
     truth, votes = consensus(nn, min_agree)
     has_truth = truth >= 0
     n_consensus = int(has_truth.sum())
+    loo_agree = leave_one_out_threshold(len(names), min_agree)
     per_extractor = []
     for i, name in enumerate(names):
-        agree = float((nn[i, has_truth] == truth[has_truth]).mean()) if n_consensus else None
-        per_extractor.append({
-            "extractor": name,
-            "agreement": agree,
-            "real_irs": irs_from_neighbors(nn[i], n_train, alpha_e).to_dict(),
-        })
+        row = {"extractor": name, "agreement": _agreement(nn[i], truth)}
+        if loo_agree is not None:  # the consensus of the others: no vote of its own
+            others_truth, _ = consensus(np.delete(nn, i, axis=0), loo_agree)
+            row["agreement_others"] = _agreement(nn[i], others_truth)
+            row["n_consensus_others"] = int((others_truth >= 0).sum())
+        row["real_irs"] = irs_from_neighbors(nn[i], n_train, alpha_e).to_dict()
+        row["neighbors"] = nn[i].tolist()
+        per_extractor.append(row)
     matrix = agreement_matrix(nn)
     return {
         "extractors": names,
         "n_train": n_train,
         "n_test": int(nn.shape[1]),
         "min_agree": min_agree,
+        "min_agree_others": loo_agree,
         "n_consensus": n_consensus,
         "consensus_rate": n_consensus / nn.shape[1],
         "vote_histogram": {str(v): int((votes == v).sum()) for v in range(1, len(names) + 1)},
