@@ -21,15 +21,20 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=5000)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", default=None, help="only these classes, e.g. 0,1,2,3,4 (default: all ten)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     files = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
-    if not all((DATA / f).is_file() for f in files.values()):
+    labels = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
+    if not all((DATA / f).is_file() for f in [*files.values(), *labels.values()]):
         sys.exit(f"Fashion-MNIST not found in {DATA}: install it with 'apt-get install dataset-fashion-mnist'")
     rng = np.random.default_rng(args.seed)
     for split, size in (("train", args.train_size), ("test", args.test_size)):
         images = read_idx(DATA / files[split])
-        chosen = np.sort(rng.choice(len(images), size, replace=False))
+        pool = np.arange(len(images))
+        if args.classes is not None:
+            pool = pool[np.isin(read_idx(DATA / labels[split]), [int(c) for c in args.classes.split(",")])]
+        chosen = np.sort(rng.choice(pool, size, replace=False))
         folder = args.out / split
         folder.mkdir(parents=True, exist_ok=True)
         for i in chosen:

@@ -280,6 +280,9 @@ def test_torchscript_inception_calls_the_network_like_clean_fid(tiny_inception):
         np.testing.assert_allclose(emb.embed(images), ref, rtol=1e-4, atol=1e-5)
         ids.add(emb.id)
     assert len(ids) == 3  # the resize mode is part of the feature cache key
+    mixed = [images[0], Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))]
+    legacy = get_embedder("inception-torchscript", weights=tiny_inception, resize="legacy-tensorflow", device="cpu")
+    np.testing.assert_allclose(legacy.embed(mixed), np.concatenate([legacy.embed([im]) for im in mixed]), rtol=1e-5)
     by_path = get_embedder(f"inception-torchscript:{tiny_inception}", device="cpu")
     assert by_path.id == get_embedder("inception-torchscript", weights=tiny_inception, device="cpu").id
 

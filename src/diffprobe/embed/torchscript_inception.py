@@ -99,6 +99,12 @@ class TorchScriptInceptionEmbedder(Embedder):
             probe = self.preprocess([Image.new("RGB", (SIZE, SIZE))]).to(self.device)
             self.dim = int(self._forward(probe).shape[1])
 
+    def embed(self, images) -> np.ndarray:
+        if self.preprocess.mode == "legacy-tensorflow" and len({im.size for im in images}) > 1:
+            # the network resizes inside, so images of different sizes go through one at a time
+            return np.concatenate([super(TorchScriptInceptionEmbedder, self).embed([im]) for im in images])
+        return super().embed(images)
+
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.preprocess.mode == "legacy-tensorflow":
             feats = self.net(pixels, return_features=True)
