@@ -49,6 +49,15 @@ SKIPPED = {
     "/tmp/fd-fmnist-study/extractors.json": FMNIST,
     "python examples/extractors_fashion_mnist.py --folders /tmp/fd-fmnist-study --result "
     "/tmp/fd-fmnist-study/extractors.json": FMNIST,
+    "python examples/fashion_mnist_folders.py --train-size 0 --test-size 1000 --seed 1 --out /tmp/fd-fmnist-fd/all":
+        FMNIST,
+    "python examples/fashion_mnist_folders.py --train-size 0 --test-size 1000 --seed 1 --classes 0,1,2,3,4 --out "
+    "/tmp/fd-fmnist-fd/half": FMNIST,
+    "diffprobe score fd /tmp/fd-fmnist-study/test --ref /tmp/fd-fmnist-study/train --embedder efficientnet-lite0@64 "
+    "--save-stats /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz --out "
+    "/tmp/fd-fmnist-fd/heldout-efficientnet-lite0@64.json": FMNIST,
+    "diffprobe score fd /tmp/fd-fmnist-fd/half/test --ref /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz "
+    "--embedder efficientnet-lite0@64 --out /tmp/fd-fmnist-fd/half-efficientnet-lite0@64.json": FMNIST,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 
