@@ -311,6 +311,8 @@ def test_fid_with_the_torchscript_file(tmp_path, tiny_inception):
     result = json.loads(out.read_text())
     assert result["is_fid"] and result["resize"] == "legacy-tensorflow" and result["fid_note"] is None
     assert "FID (legacy-tensorflow resize)" in res.output
+    with pytest.raises(InputError, match="drop --embedder pixels"):
+        score_fd(a, b, embedder="pixels", inception=tiny_inception, cache=None)
 
 
 # ---------------------------------------------------------------- the extractor study

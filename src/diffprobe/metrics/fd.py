@@ -281,6 +281,9 @@ def _choose_embedder(embedder, weights, inception, resize, device, batch_size, n
     from ..embed import Embedder, get_embedder
 
     if inception is not None:
+        if not (embedder == "auto" or str(embedder).startswith("inception-torchscript")):
+            raise InputError(f"--inception makes the score FID with the Inception network; drop --embedder {embedder}"
+                             " (or drop --inception for a Fréchet distance in that embedder's space)")
         return get_embedder("inception-torchscript", weights=inception, resize=resize, device=device,
                             batch_size=batch_size)
     if isinstance(embedder, Embedder):
