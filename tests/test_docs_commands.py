@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+FMNIST = ("needs the dataset-fashion-mnist Debian package and about 10 CPU-minutes (tests/test_fd.py runs the study "
+          "on small folders and on features with a planted truth)")
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
 VLM_SERVER = "a vision-language model server (vLLM or Ollama) with its weights and a GPU"
 VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.py runs the same flags against a "
@@ -63,6 +65,23 @@ SKIPPED = {
     DETECTOR,
     "diffprobe judge runs/sd15-cc500 --judge detector --detector google/owlv2-base-patch16-ensemble --clip "
     "clip-vit-l14": DETECTOR,
+    "diffprobe score fd runs/sd15 --ref coco_val_images --inception inception-2015-12-05.pt --resize clean":
+        "needs the FID Inception file, a download (tests/test_fd.py runs the TorchScript path on a tiny network)",
+    "python examples/fashion_mnist_folders.py --train-size 3000 --test-size 1000 --out /tmp/fd-fmnist-study": FMNIST,
+    "diffprobe score extractors --train /tmp/fd-fmnist-study/train --test /tmp/fd-fmnist-study/test --embedders "
+    "efficientnet-lite0@64,efficientnet-lite1@64,efficientnet-lite2@64,pixels,random-projection --out "
+    "/tmp/fd-fmnist-study/extractors.json": FMNIST,
+    "python examples/extractors_fashion_mnist.py --folders /tmp/fd-fmnist-study --result "
+    "/tmp/fd-fmnist-study/extractors.json": FMNIST,
+    "python examples/fashion_mnist_folders.py --train-size 0 --test-size 1000 --seed 1 --out /tmp/fd-fmnist-fd/all":
+        FMNIST,
+    "python examples/fashion_mnist_folders.py --train-size 0 --test-size 1000 --seed 1 --classes 0,1,2,3,4 --out "
+    "/tmp/fd-fmnist-fd/half": FMNIST,
+    "diffprobe score fd /tmp/fd-fmnist-study/test --ref /tmp/fd-fmnist-study/train --embedder efficientnet-lite0@64 "
+    "--save-stats /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz --out "
+    "/tmp/fd-fmnist-fd/heldout-efficientnet-lite0@64.json": FMNIST,
+    "diffprobe score fd /tmp/fd-fmnist-fd/half/test --ref /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz "
+    "--embedder efficientnet-lite0@64 --out /tmp/fd-fmnist-fd/half-efficientnet-lite0@64.json": FMNIST,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 
