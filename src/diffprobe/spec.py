@@ -289,7 +289,8 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise error("'seeds' must be a list of integers or a string like 0-19")
         check_seeds(seeds)
-    elif (isinstance(seeds, str) and seeds.startswith(RELIABLE_PREFIX)) or isinstance(seeds, Mapping):
+    elif (isinstance(seeds, str) and seeds.startswith(RELIABLE_PREFIX)) or (isinstance(seeds, Mapping)
+                                                                             and "reliable" in seeds):
         return _reliable_spec(data, items, dropped, source, spec_file)
     elif isinstance(seeds, str | int) and not isinstance(seeds, bool):
         seeds = parse_seeds(str(seeds))

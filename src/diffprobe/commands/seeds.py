@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ..console import message
 from ..errors import InputError
+from ..prompts import Prompt
 
 seeds_app = typer.Typer(help="Reliable seeds: mine them with a judge, show them, build a data set with them.",
                         no_args_is_help=True)
@@ -21,11 +22,22 @@ def _interrupted(console: Console, where: Path) -> None:
     sys.exit(130)
 
 
+def _load_prompts(sources: list[str], console: Console) -> list[Prompt]:
+    """The prompts (with their metadata) of every suite or file, each text once."""
+    from ..prompts import load_prompts, unique
+
+    items, dropped = unique([p for source in sources for p in load_prompts(source)])
+    if dropped:
+        console.print(message(f"note: {dropped} repeated prompt(s) are used once"))
+    return items
+
+
 @seeds_app.command("mine")
 def mine_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help="Hub id, local diffusers folder, or 'shapes'."),
-    prompts: str = typer.Option(..., "--prompts", help="Prompt suite or file with count or relation questions "
-                                "(shapes-train-count, shapes-train-relation, a Comp90 objects_<split>.txt, ...)."),
+    prompts: list[str] = typer.Option(..., "--prompts", help="Prompt suite or file with count or relation questions "
+                                      "(repeatable): shapes-train-count, shapes-train-relation, a Comp90 "
+                                      "objects_<split>.txt, ..."),
     seeds: str = typer.Option("0-99", "--seeds", "-s", help="Candidate seeds: 0-99, 1,5,9, @FILE."),
     judge: str = typer.Option("shapes", "--judge", "-j", help="Judge of every image (shapes: the exact judge)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory for the mining grid (resumable)."),
@@ -54,10 +66,12 @@ def mine_cmd(
     console = Console(stderr=True)
     if seeds.strip().startswith("reliable:"):
         raise InputError("mining needs candidate seeds such as --seeds 0-99, not reliable:FILE")
-    spec, items, _ = spec_from_flags(
-        model=model, family=family, dtype=dtype, device=device, prompt=[], prompts_file=prompts, seeds=seeds,
-        steps=steps, scheduler=scheduler, height=height, width=width, generator_device=generator_device,
-        guidance="cfg", scale=scale, guidance_param=[], concepts=None)
+    items = _load_prompts(prompts, console)
+    spec, _, _ = spec_from_flags(
+        model=model, family=family, dtype=dtype, device=device, prompt=[p.text for p in items], prompts_file=None,
+        seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
+        generator_device=generator_device, guidance="cfg", scale=scale, guidance_param=[], concepts=None)
+    spec = spec.model_copy(update={"prompt_source": "; ".join(prompts)})
     the_judge = make_judge(judge)
     try:
         result = mine_seeds(spec, items, out, the_judge, top_n=top, file=file, batch_size=batch_size,
@@ -118,7 +132,6 @@ def dataset_cmd(
 ) -> None:
     """One image per prompt, seeded from the top seeds of its category: the Q/K fine-tuning set."""
     from ..judges import make_judge
-    from ..prompts import load_prompts, unique
     from ..seeds.dataset import RECTIFY_MODES, build_dataset, dataset_spec
 
     console = Console(stderr=True)
@@ -127,9 +140,7 @@ def dataset_cmd(
     if rectify != "none" and judge is None:
         raise InputError(f"--rectify {rectify} needs --judge J")
     the_judge = make_judge(judge) if judge is not None else None
-    items, dropped = unique([p for source in prompts for p in load_prompts(source)])
-    if dropped:
-        console.print(message(f"note: {dropped} repeated prompt(s) appear once in the data set"))
+    items = _load_prompts(prompts, console)
     spec = dataset_spec({"name": model, "dtype": dtype, "device": device}, items, seeds_file,
                         rng_seed=reliable_rng, steps=steps, scale=scale, sources=prompts)
     try:
