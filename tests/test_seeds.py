@@ -221,6 +221,41 @@ def test_mining_matches_the_stored_verdicts(mined):
         assert torch.equal(stored[str(s)], initial_latents(adapter, [s], 32, 32)[0])
 
 
+def test_mining_again_resumes_and_generates_nothing(mined):
+    folder, prompts, file = mined
+    before = json.loads(file.read_text())
+    res = invoke(["seeds", "mine", "--model", "shapes", "--prompts", prompts, "--seeds", "0-5", "--steps", STEPS,
+                  "--height", SIZE, "--width", SIZE, "--judge", "hash-test", "--top", "2", "--out", folder / "run",
+                  "-q"])
+    assert res.exit_code == 0, res.output
+    after = json.loads(file.read_text())
+    assert after["timing"]["images_generated"] == 0 and after["timing"]["images_judged"] == 0
+    assert after["categories"] == before["categories"] and after["latents"] == before["latents"]
+
+
+def test_reliable_seeds_from_a_spec_file_and_extend(mined, tmp_path):
+    from diffprobe.spec import load_spec_file
+
+    _, prompts, file = mined
+    (tmp_path / "run.yaml").write_text(f"prompts: {prompts}\nseeds: {{reliable: {file}, k: 2, rng_seed: 3}}\n")
+    spec, _, _ = load_spec_file(tmp_path / "run.yaml")
+    assert spec.seed_source.k == 2 and spec.seed_source.rng_seed == 3 and not spec.seed_source.stored_latents
+    assert set(spec.prompt_seeds) == {p["prompt"] for p in PROMPTS} and spec.sampler.height == 32
+    assert sorted(spec.pairs()) == sorted((p, s) for p, seeds in spec.prompt_seeds.items() for s in seeds)
+    # A reliable run extended with a prompt draws that prompt's seeds and keeps the others'.
+    first = write_prompts(tmp_path / "first.jsonl", PROMPTS[:1])
+    base = ["generate", "--model", "shapes", "--seeds", f"reliable:{file}", "--steps", STEPS, "--out",
+            tmp_path / "run", "-q"]
+    assert invoke([*base, "--prompts", first]).exit_code == 0
+    res = invoke([*base, "--prompts", write_prompts(tmp_path / "two.jsonl", PROMPTS[:2])])
+    assert res.exit_code == 2 and "--extend" in res.output
+    res = invoke([*base, "--prompts", tmp_path / "two.jsonl", "--extend"])
+    assert res.exit_code == 0, res.output
+    with open_run(tmp_path / "run") as store:
+        assert sorted((s.prompt, s.seed) for s in store.samples()) == sorted(store.spec.pairs())
+        assert len(store) == 2 and set(store.spec.prompt_seeds) == {PROMPTS[0]["prompt"], PROMPTS[1]["prompt"]}
+
+
 def test_seeds_show_prints_the_table_and_writes_a_heatmap(mined, tmp_path):
     _, _, file = mined
     png = tmp_path / "heat.png"

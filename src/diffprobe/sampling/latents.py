@@ -77,7 +77,8 @@ def read_initial_latents(path: str | Path) -> InitialLatents:
 
 def write_initial_latents(path: str | Path, tensors: Mapping[int, torch.Tensor],
                           metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``{seed: (C, h, w) tensor}`` (written whole to a temporary name, then renamed)."""
+    """Write ``{seed: (C, h, w) tensor}`` (written whole to a temporary name, then renamed). The same tensors give
+    the same bytes when ``metadata`` has at most one entry (safetensors orders a larger map arbitrarily)."""
     from safetensors.torch import save_file
 
     path = Path(path)

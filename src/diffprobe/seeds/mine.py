@@ -93,8 +93,8 @@ def mine_seeds(spec: RunSpec, prompts: Sequence[Prompt], out: Path, judge: Judge
     sampler = config["sampler"]
     top = sorted({s for r in results.values() for s in r.top})
     noise = initial_latents(adapter, top, sampler["height"], sampler["width"], sampler["generator_device"])
-    write_initial_latents(latents_file, {s: noise[i] for i, s in enumerate(top)},
-                          {"format": FORMAT, "generator_device": sampler["generator_device"]})
+    # one metadata entry: safetensors writes its metadata map in no fixed order, and the file's hash keys jobs
+    write_initial_latents(latents_file, {s: noise[i] for i, s in enumerate(top)}, {"format": FORMAT})
     data = {
         "format": FORMAT, "version": VERSION,
         "model": config["model"], "family": first.get("family"), "sampler": sampler,
