@@ -6,7 +6,6 @@ The same call twice generates nothing the second time; a killed call loses only 
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from .guidance import Guider, make_guider
 from .models.base import ModelAdapter
 from .prompts import Prompt
 from .sampling.latents import InitialLatents, read_initial_latents
-from .spec import RunSpec, flatten, job_key
+from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 from .versions import library_versions
 
@@ -135,10 +134,9 @@ def check_seed_source(spec: RunSpec, config: dict[str, Any]) -> None:
     source = spec.seed_source
     if source is None or not source.requires:
         return
-    resolved = flatten(json.loads(json.dumps(config)))
     diffs = []
     for name, wanted in sorted(source.requires.items()):
-        now = resolved.get(name) if name in resolved else _nested(config, name)
+        now = _nested(config, name)
         if now != wanted:
             diffs.append(f"{name}: {wanted!r} (seeds file) != {now!r} (now)")
     if diffs:
@@ -148,6 +146,7 @@ def check_seed_source(spec: RunSpec, config: dict[str, Any]) -> None:
 
 
 def _nested(config: dict[str, Any], name: str) -> Any:
+    """``config["sampler"]["height"]`` for ``"sampler.height"`` (None where a part is missing)."""
     value: Any = config
     for part in name.split("."):
         value = value.get(part) if isinstance(value, dict) else None

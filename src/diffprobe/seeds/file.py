@@ -47,7 +47,7 @@ class ReliableSeeds:
         return self.path.parent / self.data["latents"]["file"]
 
     def requires(self) -> dict[str, Any]:
-        """Resolved generation settings (flattened names, as ``generate.check_seed_source`` reads them) that a
+        """Resolved generation settings (dotted names, as ``generate.check_seed_source`` reads them) that a
         run must share to reuse the seed integers."""
         sampler = self.data["sampler"]
         return {"model": self.data["model"], **{f"sampler.{k}": sampler[k] for k in NOISE_SETTINGS}}
