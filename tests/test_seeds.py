@@ -384,6 +384,26 @@ def test_seeds_file_from_another_model_is_refused(mined, tmp_path, tiny_sd_path)
     assert not out.exists()
 
 
+def test_stored_latents_carry_the_seeds_to_another_model_folder(mined, tmp_path):
+    """The same weights under another path are another model identity: the seed integers are refused there, the
+    stored latents are accepted and give the mined images."""
+    import shutil
+
+    from diffprobe.worlds.shapes import weights_dir
+
+    folder, prompts, file = mined
+    copy = tmp_path / "shapes-copy"
+    shutil.copytree(weights_dir(), copy)
+    base = ["generate", "--model", copy, "--prompts", prompts, "--seeds", f"reliable:{file}", "--steps", STEPS, "-q"]
+    res = invoke([*base, "--out", tmp_path / "seeded"])
+    assert res.exit_code == 2 and "(model: " in res.output and not (tmp_path / "seeded").exists()
+    res = invoke([*base, "--use-stored-latents", "--out", tmp_path / "latents"])
+    assert res.exit_code == 0, res.output
+    mined_images = pairs_to_sha(folder / "run")
+    made = pairs_to_sha(tmp_path / "latents")
+    assert len(made) == len(PROMPTS) and all(mined_images[pair] == sha for pair, sha in made.items())
+
+
 @pytest.mark.parametrize(("prompts", "judge", "message"), [
     ([{"prompt": "two red circles", "kind": "count", "objects": ["red circle"], "count": 2}], "mute-test",
      "category 'count 2' has no verdicts to rank seeds by"),
