@@ -29,6 +29,7 @@ VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.p
              "loopback OpenAI-compatible server)")
 DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
             "local detector)")
+SD21 = HUB + ", the official repository's Comp90 files and a judge of photographs (JUDGE)"
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
     "make test": "runs this test suite",
@@ -82,6 +83,13 @@ SKIPPED = {
     "/tmp/fd-fmnist-fd/heldout-efficientnet-lite0@64.json": FMNIST,
     "diffprobe score fd /tmp/fd-fmnist-fd/half/test --ref /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz "
     "--embedder efficientnet-lite0@64 --out /tmp/fd-fmnist-fd/half-efficientnet-lite0@64.json": FMNIST,
+    "diffprobe seeds mine --model stabilityai/stable-diffusion-2-1 --prompts comp90-mine/objects_train.txt --seeds "
+    "0-99 --dtype fp16 --generator-device cuda --judge JUDGE --out runs/sd21-mine": SD21,
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts comp90/objects_eval.txt --seeds "
+    "reliable:runs/sd21-mine/reliable_seeds.json --dtype fp16 --generator-device cuda --out runs/sd21-eval-reliable":
+    SD21,
+    "diffprobe seeds dataset --model stabilityai/stable-diffusion-2-1 --seeds-file runs/sd21-mine/reliable_seeds.json "
+    "--prompts comp90/objects_train.txt --rectify relabel --judge JUDGE --dtype fp16 --out data/sd21-seeds": SD21,
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 
@@ -127,20 +135,42 @@ def _suite_excerpt(name: str, folder: Path) -> str:
     return str(path)
 
 
+def _question_excerpt(name: str, folder: Path) -> str:
+    """The first prompt of each question category of a suite (count 2, count 3, ..., relation left_of, ...), with
+    its metadata: what the seeds commands need to mine every category that a later excerpt may ask for."""
+    import json
+
+    from diffprobe.prompts import load_prompts
+
+    first: dict[str, dict] = {}
+    for p in load_prompts(name):
+        q = p.meta.get("question") or {}
+        first.setdefault(f"{q.get('kind')} {q.get('count')} {q.get('relation')}", {"prompt": p.text, **p.meta})
+    path = folder / f"{name}-each-category.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in first.values()))
+    return str(path)
+
+
+SAMPLING = (["diffprobe", "generate"], ["diffprobe", "seeds", "mine"], ["diffprobe", "seeds", "dataset"])
+
+
 def _capped(words: list[str], folder: Path) -> list[str]:
-    """``words`` with the substitutions above applied."""
-    generate = words[:2] == ["diffprobe", "generate"]
+    """``words`` with the substitutions above applied (the seeds commands that sample count as generate; a
+    ``reliable:FILE`` seed list is kept)."""
+    generate = any(words[:len(command)] == command for command in SAMPLING)
+    # prompts with their questions where the command reads them (seeds commands, reliable:FILE seeds)
+    seeds_command = words[:2] == ["diffprobe", "seeds"] or any(w.startswith("reliable:") for w in words)
     out, i = [], 0
     while i < len(words):
         word, value = words[i], words[i + 1] if i + 1 < len(words) else None
         if word == "--out":
             value = str(folder / value)
-        elif generate and word == "--seeds":
+        elif generate and word == "--seeds" and not str(value).startswith("reliable:"):
             value = SEEDS
         elif generate and word == "--steps":
             value = STEPS
         elif generate and word == "--prompts" and not (folder / value).exists():
-            value = _suite_excerpt(value, folder)
+            value = _question_excerpt(value, folder) if seeds_command else _suite_excerpt(value, folder)
         else:
             out.append(word)
             i += 1

@@ -44,6 +44,24 @@ class SamplerSpec(BaseModel):
     height: int | None = Field(None, ge=8, le=MAX_SIZE)  # None: the model's default size
     width: int | None = Field(None, ge=8, le=MAX_SIZE)
     generator_device: GeneratorDevice = "cpu"
+    # A safetensors file of starting noise, one tensor per seed (named by the seed): used instead of the seeded
+    # generator. Its content hash enters every job key.
+    initial_latents: str | None = None
+
+
+class SeedSource(BaseModel):
+    """How per-prompt seeds were chosen (``--seeds reliable:FILE[:K]``), for the record; ``requires`` holds the
+    resolved settings (``model``, ``sampler.height``, ...) the seeds were found with, which the run must match."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["reliable"] = "reliable"
+    file: str
+    sha256: str
+    k: int = Field(1, ge=1)
+    rng_seed: int = 0
+    stored_latents: bool = False
+    requires: dict[str, Any] = Field(default_factory=dict)
 
 
 class GuidanceSpec(BaseModel):
@@ -74,6 +92,9 @@ class RunSpec(BaseModel):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     guidance: GuidanceSpec = Field(default_factory=GuidanceSpec)
     prompt_source: str | None = None  # where the prompts came from (file or suite name), for the record
+    # Seeds per prompt instead of the prompt x seed grid (then ``seeds`` is their union), and how they were chosen.
+    prompt_seeds: dict[str, list[int]] | None = None
+    seed_source: SeedSource | None = None
 
     @field_validator("prompts")
     @classmethod
@@ -88,11 +109,26 @@ class RunSpec(BaseModel):
         check_seeds(seeds)
         return seeds
 
+    @field_validator("prompt_seeds")
+    @classmethod
+    def _prompt_seeds_ok(cls, table: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        for seeds in (table or {}).values():
+            check_seeds(seeds)
+        return table
+
+    def pairs(self) -> list[tuple[str, int]]:
+        """Every (prompt, seed) job, prompt-major: the grid, or each prompt's own seeds."""
+        if self.prompt_seeds is None:
+            return [(p, s) for p in self.prompts for s in self.seeds]
+        return [(p, s) for p in self.prompts for s in self.prompt_seeds.get(p, [])]
+
     def generation(self) -> dict[str, Any]:
         """The settings that must match for two specs to share a run (everything but prompts and seeds)."""
+        # initial_latents only when set, so the settings (and default run folders) of other runs stay as they were
+        unset = {"initial_latents"} if self.sampler.initial_latents is None else set()
         return {
             "model": self.model.model_dump(exclude={"device"}),
-            "sampler": self.sampler.model_dump(),
+            "sampler": self.sampler.model_dump(exclude=unset),
             "guidance": self.guidance.model_dump(),
         }
 
@@ -253,6 +289,9 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise error("'seeds' must be a list of integers or a string like 0-19")
         check_seeds(seeds)
+    elif (isinstance(seeds, str) and seeds.startswith(RELIABLE_PREFIX)) or (isinstance(seeds, Mapping)
+                                                                             and "reliable" in seeds):
+        return _reliable_spec(data, items, dropped, source, spec_file)
     elif isinstance(seeds, str | int) and not isinstance(seeds, bool):
         seeds = parse_seeds(str(seeds))
     else:
@@ -275,6 +314,20 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
         flag = FLAGS.get(where)
         raise error(f"bad value {_short(first.get('input'))} for {flag}: {msg}" if flag else msg) from None
     return spec, items, dropped
+
+
+RELIABLE_PREFIX = "reliable:"
+
+
+def _reliable_spec(data: Mapping[str, Any], items: list[Prompt], dropped: int, source: str | None,
+                   spec_file: Path | None) -> tuple[RunSpec, list[Prompt], int]:
+    """The spec for ``seeds: reliable:FILE[:K]`` (or the mapping ``{reliable: FILE, k: K, rng_seed: R,
+    stored_latents: bool}``): each prompt's seeds are drawn from the mined top seeds of its own category."""
+    from .seeds.reliable import reliable_request, reliable_spec
+
+    request = reliable_request(data["seeds"], base=spec_file.parent if spec_file is not None else None)
+    grid, _, _ = build_spec({**data, "seeds": "0"}, spec_file=spec_file)
+    return reliable_spec(grid.model_copy(update={"prompt_source": source}), items, request), items, dropped
 
 
 def _short(value: Any, limit: int = 60) -> str:
