@@ -417,7 +417,7 @@ def shapes_run(tmp_path_factory):
 
 def test_cli_judges_a_run_with_the_tiny_detector_and_resumes(shapes_run, owl_paths, tmp_path):
     det = owl_paths["owlvit"]
-    res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", det, "--device", "cpu", "-q"])
+    res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", det, "--judge-device", "cpu", "-q"])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "4 judged, 0 already judged, 4 skipped" in text
@@ -428,9 +428,9 @@ def test_cli_judges_a_run_with_the_tiny_detector_and_resumes(shapes_run, owl_pat
     assert summary["judge"]["name"] == "detector" and summary["judge"]["box_threshold"] == 0.3
     assert summary["skipped"] == 4 and summary["categories"]["all"]["n"] == 4
 
-    again = invoke(["judge", shapes_run, "--judge", "detector", "--detector", det, "--device", "cpu", "-q"])
+    again = invoke(["judge", shapes_run, "--judge", "detector", "--detector", det, "--judge-device", "cpu", "-q"])
     assert "0 judged, 4 already judged" in " ".join(again.output.split())
-    other = invoke(["judge", shapes_run, "--judge", "detector", "--detector", det, "--device", "cpu",
+    other = invoke(["judge", shapes_run, "--judge", "detector", "--detector", det, "--judge-device", "cpu",
                     "--box-threshold", "0.9", "--margin", "0.2", "--nms-iou", "0.3", "-q"])
     assert "4 judged, 0 already judged" in " ".join(other.output.split())  # another identity: judged anew
 
@@ -440,7 +440,7 @@ def test_cli_with_a_clip_judges_colours(shapes_run, owl_paths, tmp_path):
 
     clip = build_tiny_clip(tmp_path / "clip")
     res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", owl_paths["owlv2"], "--clip", clip,
-                  "--device", "cpu", "-q"])
+                  "--judge-device", "cpu", "-q"])
     assert res.exit_code == 0, res.output
     assert "6 judged, 0 already judged, 2 skipped" in " ".join(res.output.split())
     summary = json.loads((shapes_run / "scores" / "composition.json").read_text())
@@ -454,7 +454,7 @@ def test_cli_detector_flag_mistakes_exit_2(shapes_run, tmp_path):
     assert res.exit_code == 2 and "--detector, --margin belong to the detector judge" in res.output
     res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", tmp_path / "missing"])
     assert res.exit_code == 2 and "neither a local folder nor a hub id" in res.output
-    res = invoke(["judge", tmp_path, "--judge", "detector", "--detector", "x/y", "--device", "nope"])
+    res = invoke(["judge", tmp_path, "--judge", "detector", "--detector", "x/y", "--judge-device", "nope"])
     assert res.exit_code == 2 and "is not a diffprobe run directory" in res.output  # before any model loads
-    res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", "x/y", "--device", "nope"])
+    res = invoke(["judge", shapes_run, "--judge", "detector", "--detector", "x/y", "--judge-device", "nope"])
     assert res.exit_code == 2 and "unknown device 'nope'" in res.output

@@ -12,9 +12,13 @@ a per-image JSONL (GenEval-style: key, prompt, seed, category, correct, answer, 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
+import typing
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -267,8 +271,8 @@ Pairs = Annotated[str | None, typer.Option("--pairs", help="Relations: any (some
                   "(the best box of each, as GenEval).", rich_help_panel=DETECTOR_PANEL)]
 Clip = Annotated[str | None, typer.Option("--clip", help="CLIP hub id, alias (clip-vit-l14) or folder that reads box "
                  "colours; without it colour questions are skipped.", rich_help_panel=DETECTOR_PANEL)]
-JudgeDevice = Annotated[str | None, typer.Option("--device", help="Device of the detector and CLIP: cuda, mps, cpu "
-                        "(default: the best available).", rich_help_panel=DETECTOR_PANEL)]
+JudgeDevice = Annotated[str | None, typer.Option("--judge-device", help="Device of the detector and CLIP: cuda, mps, "
+                        "cpu (default: the best available).", rich_help_panel=DETECTOR_PANEL)]
 JudgeUrl = Annotated[str | None, typer.Option(
     "--judge-url", rich_help_panel=VLM_PANEL, help="The server's OpenAI-compatible base URL, e.g. "
     "http://127.0.0.1:8000/v1 (vLLM) or http://127.0.0.1:11434/v1 (Ollama).")]
@@ -301,25 +305,53 @@ ImageDetail = Annotated[str | None, typer.Option(
     "API; the paper's GPT-4o evaluation used low). Default: not sent.")]
 
 
-def judge_flag_options(judges: list[str], *, detector: str | None = None, clip: str | None = None,
-                       box_threshold: float | None = None, nms_iou: float | None = None, margin: float | None = None,
-                       pairs: str | None = None, device: str | None = None, judge_url: str | None = None,
-                       judge_model: str | None = None, template: list[str] | None = None, parser: str | None = None,
-                       temperature: float | None = None, max_tokens: int | None = None,
-                       concurrency: int | None = None, timeout: float | None = None, retries: int | None = None,
-                       api_key_env: str | None = None, image_detail: str | None = None) -> dict[str, Any]:
+JUDGE_FLAGS: dict[str, Any] = {
+    "detector": DetectorModel, "box_threshold": BoxThreshold, "nms_iou": NmsIou, "margin": Margin, "pairs": Pairs,
+    "clip": Clip, "judge_device": JudgeDevice, "judge_url": JudgeUrl, "judge_model": JudgeModel, "template": Template,
+    "parser": AnswerParser, "temperature": Temperature, "max_tokens": MaxTokens, "concurrency": Concurrency,
+    "timeout": Timeout, "retries": Retries, "api_key_env": ApiKeyEnv, "image_detail": ImageDetail,
+}
+
+
+def with_judge_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a typer command every judge flag (``JUDGE_FLAGS``) without listing them in its signature: the command
+    takes ``judge_flags: dict`` instead, the flags' values by name (None: not given)."""
+    signature = inspect.signature(command, eval_str=True)
+    hints = typing.get_type_hints(command, include_extras=True)
+    kept = [p for p in signature.parameters.values() if p.name != "judge_flags"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+             for name, kind in JUDGE_FLAGS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = {name: kwargs.pop(name, None) for name in JUDGE_FLAGS}
+        return command(*args, judge_flags=flags, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + added)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {k: v for k, v in hints.items() if k != "judge_flags"} | JUDGE_FLAGS
+    return wrapper
+
+
+def judge_flag_options(judges: list[str], flags: dict[str, Any]) -> dict[str, Any]:
     """The judges' ``make_judge`` options from the judge flags (each judge's flags checked against the judges chosen);
     :func:`build_judges` gives each judge the options its factory takes."""
-    options = detector_options(judges, detector=detector, clip=clip, box_threshold=box_threshold, nms_iou=nms_iou,
-                               margin=margin, pairs=pairs, device=device)
-    return options | vlm_options(judges, url=judge_url, model=judge_model, templates=template, parser=parser,
-                                 temperature=temperature, max_tokens=max_tokens, concurrency=concurrency,
-                                 timeout=timeout, retries=retries, api_key_env=api_key_env,
-                                 image_detail=image_detail)
+    f = {name: flags.get(name) for name in JUDGE_FLAGS}
+    options = detector_options(judges, detector=f["detector"], clip=f["clip"], box_threshold=f["box_threshold"],
+                               nms_iou=f["nms_iou"], margin=f["margin"], pairs=f["pairs"], device=f["judge_device"])
+    return options | vlm_options(judges, url=f["judge_url"], model=f["judge_model"], templates=f["template"],
+                                 parser=f["parser"], temperature=f["temperature"], max_tokens=f["max_tokens"],
+                                 concurrency=f["concurrency"], timeout=f["timeout"], retries=f["retries"],
+                                 api_key_env=f["api_key_env"], image_detail=f["image_detail"])
+
+
+def make_judges(names: list[str], flags: dict[str, Any]) -> list[Judge]:
+    """The judges named, built from the judge flags of a command (see :func:`with_judge_flags`)."""
+    return build_judges(names, judge_flag_options(names, flags))
 
 
 def register(app: typer.Typer) -> None:
     @app.command("judge")
+    @with_judge_flags
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
         judge: str = typer.Option("shapes", "--judge", "-j", help=JUDGE_HELP),
@@ -333,35 +365,14 @@ def register(app: typer.Typer) -> None:
                                            "(B), made with the same judge options where it takes them."),
         batch_size: int | None = typer.Option(None, "--batch-size", "-b", help=BATCH_HELP),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        detector: DetectorModel = None,
-        box_threshold: BoxThreshold = None,
-        nms_iou: NmsIou = None,
-        margin: Margin = None,
-        pairs: Pairs = None,
-        clip: Clip = None,
-        device: JudgeDevice = None,
-        judge_url: JudgeUrl = None,
-        judge_model: JudgeModel = None,
-        template: Template = None,
-        parser: AnswerParser = None,
-        temperature: Temperature = None,
-        max_tokens: MaxTokens = None,
-        concurrency: Concurrency = None,
-        timeout: Timeout = None,
-        retries: Retries = None,
-        api_key_env: ApiKeyEnv = None,
-        image_detail: ImageDetail = None,
+        judge_flags: dict[str, Any] = None,  # type: ignore[assignment]  # filled by with_judge_flags
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         from ..store import open_run
 
         console = Console(stderr=True)
         names = [judge] + ([against] if against else [])
-        options = judge_flag_options(
-            names, detector=detector, clip=clip, box_threshold=box_threshold, nms_iou=nms_iou, margin=margin,
-            pairs=pairs, device=device, judge_url=judge_url, judge_model=judge_model, template=template, parser=parser,
-            temperature=temperature, max_tokens=max_tokens, concurrency=concurrency, timeout=timeout, retries=retries,
-            api_key_env=api_key_env, image_detail=image_detail)
+        options = judge_flag_options(names, judge_flags)
         if against is not None and not agreement:
             raise InputError("--against is for --agreement: add --agreement to compare the two judges")
         if agreement and against is None:

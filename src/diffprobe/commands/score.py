@@ -234,39 +234,18 @@ def clip_cmd(
 
 
 @score_app.command("composition")
+@jf.with_judge_flags
 def composition_cmd(
     run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
     judge: str = typer.Option("shapes", "--judge", "-j", help=jf.JUDGE_HELP),
     out: Annotated[Path | None, typer.Option(help="Output JSON (default: RUN/scores/composition.json).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help=jf.BATCH_HELP)] = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    detector: jf.DetectorModel = None,
-    box_threshold: jf.BoxThreshold = None,
-    nms_iou: jf.NmsIou = None,
-    margin: jf.Margin = None,
-    pairs: jf.Pairs = None,
-    clip: jf.Clip = None,
-    device: jf.JudgeDevice = None,
-    judge_url: jf.JudgeUrl = None,
-    judge_model: jf.JudgeModel = None,
-    template: jf.Template = None,
-    parser: jf.AnswerParser = None,
-    temperature: jf.Temperature = None,
-    max_tokens: jf.MaxTokens = None,
-    concurrency: jf.Concurrency = None,
-    timeout: jf.Timeout = None,
-    retries: jf.Retries = None,
-    api_key_env: jf.ApiKeyEnv = None,
-    image_detail: jf.ImageDetail = None,
+    judge_flags: dict = None,  # type: ignore[assignment]  # filled by with_judge_flags
 ) -> None:
     """Compositional accuracy per category (count N, attribute, each relation) with Wilson 95 % intervals: the
     summary 'diffprobe judge' writes. Images not judged yet are judged first (stored in the run, resumable)."""
-    options = jf.judge_flag_options(
-        [judge], detector=detector, clip=clip, box_threshold=box_threshold, nms_iou=nms_iou, margin=margin,
-        pairs=pairs, device=device, judge_url=judge_url, judge_model=judge_model, template=template, parser=parser,
-        temperature=temperature, max_tokens=max_tokens, concurrency=concurrency, timeout=timeout, retries=retries,
-        api_key_env=api_key_env, image_detail=image_detail)
-    [made] = jf.build_judges([judge], options)
+    [made] = jf.make_judges([judge], judge_flags)
     try:
         result = jf.judge_run(run, made, console=console, progress=not quiet, batch_size=batch_size,
                               summary_out=out)

@@ -11,6 +11,7 @@ from rich.console import Console
 from ..console import message
 from ..errors import InputError
 from ..prompts import Prompt
+from .judge import JUDGE_HELP, make_judges, with_judge_flags
 
 seeds_app = typer.Typer(help="Reliable seeds: mine them with a judge, show them, build a data set with them.",
                         no_args_is_help=True)
@@ -33,13 +34,14 @@ def _load_prompts(sources: list[str], console: Console) -> list[Prompt]:
 
 
 @seeds_app.command("mine")
+@with_judge_flags
 def mine_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help="Hub id, local diffusers folder, or 'shapes'."),
     prompts: list[str] = typer.Option(..., "--prompts", help="Prompt suite or file with count or relation questions "
                                       "(repeatable): shapes-train-count, shapes-train-relation, a Comp90 "
                                       "objects_<split>.txt, ..."),
     seeds: str = typer.Option("0-99", "--seeds", "-s", help="Candidate seeds: 0-99, 1,5,9, @FILE."),
-    judge: str = typer.Option("shapes", "--judge", "-j", help="Judge of every image (shapes: the exact judge)."),
+    judge: str = typer.Option("shapes", "--judge", "-j", help=JUDGE_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory for the mining grid (resumable)."),
     top: int = typer.Option(3, "--top", help="Top seeds kept per category (the paper: 3)."),
     file: Path | None = typer.Option(None, "--file", help="Reliable seeds file (default: RUN/reliable_seeds.json)."),
@@ -56,9 +58,9 @@ def mine_cmd(
                                          "cuda (the paper seeded on CUDA)."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    judge_flags: dict = None,  # type: ignore[assignment]  # filled by with_judge_flags
 ) -> None:
     """Generate the prompt x seed grid, judge it, and rank seeds per category (count N, relation R)."""
-    from ..judges import make_judge
     from ..seeds.mine import mine_seeds
     from ..seeds.show import category_lines, rich_table
     from .generate import spec_from_flags
@@ -72,7 +74,7 @@ def mine_cmd(
         seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
         generator_device=generator_device, guidance="cfg", scale=scale, guidance_param=[], concepts=None)
     spec = spec.model_copy(update={"prompt_source": "; ".join(prompts)})
-    the_judge = make_judge(judge)
+    [the_judge] = make_judges([judge], judge_flags)
     try:
         result = mine_seeds(spec, items, out, the_judge, top_n=top, file=file, batch_size=batch_size,
                             console=console, progress=not quiet)
@@ -112,6 +114,7 @@ def show_cmd(
 
 
 @seeds_app.command("dataset")
+@with_judge_flags
 def dataset_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help="The model the seeds were mined with."),
     seeds_file: Path = typer.Option(..., "--seeds-file", help="reliable_seeds.json from 'diffprobe seeds mine'."),
@@ -120,7 +123,7 @@ def dataset_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Data set folder (see docs/seeds.md, 'Data set format')."),
     rectify: str = typer.Option("none", "--rectify", help="none, relabel (rewrite wrong count captions to the "
                                 "count the judge saw: the paper) or filter (drop wrong images)."),
-    judge: str | None = typer.Option(None, "--judge", "-j", help="Judge for --rectify."),
+    judge: str | None = typer.Option(None, "--judge", "-j", help="Judge for --rectify. " + JUDGE_HELP),
     reliable_rng: int = typer.Option(77, "--reliable-rng", help="RNG seed of the draw among the top seeds "
                                      "(the official script's 77)."),
     steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: as mined)."),
@@ -129,9 +132,9 @@ def dataset_cmd(
     device: str | None = typer.Option(None, "--device", help="cuda, mps, cpu (default: the best available)."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    judge_flags: dict = None,  # type: ignore[assignment]  # filled by with_judge_flags
 ) -> None:
     """One image per prompt, seeded from the top seeds of its category: the Q/K fine-tuning set."""
-    from ..judges import make_judge
     from ..seeds.dataset import RECTIFY_MODES, build_dataset, dataset_spec
 
     console = Console(stderr=True)
@@ -139,7 +142,7 @@ def dataset_cmd(
         raise InputError(f"unknown --rectify {rectify!r}; use none, relabel or filter")
     if rectify != "none" and judge is None:
         raise InputError(f"--rectify {rectify} needs --judge J")
-    the_judge = make_judge(judge) if judge is not None else None
+    the_judge = make_judges([judge], judge_flags)[0] if judge is not None else None
     items = _load_prompts(prompts, console)
     spec = dataset_spec({"name": model, "dtype": dtype, "device": device}, items, seeds_file,
                         rng_seed=reliable_rng, steps=steps, scale=scale, sources=prompts)
