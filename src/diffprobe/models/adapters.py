@@ -34,6 +34,7 @@ class DiffusersAdapter(ModelAdapter):
         self.weights = weights  # revision or weights hash, from the loader
         self.recommended: Recommended = {}  # set by the loader from the checkpoint's diffprobe.json
         self.scheduler_name = "default"
+        self.loras: list[dict[str, Any]] = []  # identities of the LoRA adapters applied (set by the loader)
         self.device = pipe.device
         self.dtype = getattr(pipe, self.denoiser_attr).dtype
         self.scheduler = pipe.scheduler
@@ -98,7 +99,9 @@ class DiffusersAdapter(ModelAdapter):
         return [Image.fromarray(x) for x in (arr * 255).round().astype(np.uint8)]
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": self.family, **self.weights}
+        # LoRA adapters only when there are some: a model without them keeps the job keys it always had.
+        extra = {"lora": self.loras} if self.loras else {}
+        return {"model": self.model_id, "family": self.family, **self.weights, **extra}
 
 
 def _latent_grid(height: int, width: int, factor: int) -> tuple[int, int]:
