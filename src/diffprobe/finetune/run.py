@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, check_writable
+from ..models.libraries import quiet_libraries
 from ..training import StepContext, Trainer, TrainSettings
 from . import layers
 from .data import Batches, fingerprint, read_image_folder
@@ -247,10 +248,11 @@ def _write_output(adapter, out: Path, work: Path, card: dict[str, Any], options:
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    if options.lora_rank is not None:
-        _save_lora(adapter, partial)
-    else:
-        _save_model_folder(adapter, partial)
+    with quiet_libraries(str(out)):
+        if options.lora_rank is not None:
+            _save_lora(adapter, partial)
+        else:
+            _save_model_folder(adapter, partial)
     shutil.copy(work / "loss.csv", partial / "loss.csv")
     write_card(partial, card)
     if out.exists():  # an empty folder (checked before training)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ModelNotFoundError
+from .libraries import quiet_libraries
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -67,7 +68,8 @@ def apply_loras(pipe: Any, loras: Sequence[Any]) -> list[dict[str, Any]]:
         name = f"lora{i}"
         kwargs = {"weight_name": path.name} if path.is_file() else {}
         try:
-            pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
+            with quiet_libraries(lora.source):
+                pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
         except Exception as err:  # wrong architecture, not a LoRA file, several weight files ...
             text = (str(err).strip().splitlines() or [""])[0][:300]
             raise ModelNotFoundError(f"cannot load the LoRA {lora.source!r} into this model "
