@@ -147,6 +147,7 @@ def finetune(data: str | Path, model: str, out: str | Path, options: FinetuneOpt
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not empty; choose another --out (a new folder)")
     check_writable(out, directory=True)
+    _check_libraries(options)
     examples = read_image_folder(data)
     settings = TrainSettings(
         steps=options.steps, lr=options.lr, accumulation=options.accumulation, warmup=options.warmup,
@@ -207,6 +208,15 @@ def finetune(data: str | Path, model: str, out: str | Path, options: FinetuneOpt
             shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(out, result.steps, result.resumed_from, result.trainable_parameters, total,
                           result.seconds, card)
+
+
+def _check_libraries(options: FinetuneOptions) -> None:
+    """The optional libraries this run needs, checked before it trains (the card's plot comes last)."""
+    import importlib.util
+
+    needed = ["matplotlib"] + (["peft"] if options.lora_rank is not None else [])
+    if missing := [name for name in needed if importlib.util.find_spec(name) is None]:
+        raise InputError(f"fine-tuning needs {', '.join(missing)}; install it with pip install 'diffprobe[finetune]'")
 
 
 def _card_record(adapter, model: str, data: Path, examples, data_hash: str, options: FinetuneOptions,
