@@ -39,9 +39,10 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
-    "diffprobe seeds finetune data/sd21-counts --model stabilityai/stable-diffusion-2-1 --out models/sd21-qk": HUB,
+    "diffprobe seeds finetune data/sd21-counts --model stabilityai/stable-diffusion-2-1 --workers 4 "
+    "--out models/sd21-qk": HUB,
     "accelerate launch --num_processes 2 -m diffprobe.cli seeds finetune data/sd21-counts --model "
-    "stabilityai/stable-diffusion-2-1 --grad-accum 4 --out models/sd21-qk": "two GPUs and " + HUB,
+    "stabilityai/stable-diffusion-2-1 --grad-accum 4 --workers 4 --out models/sd21-qk": "two GPUs and " + HUB,
     "diffprobe generate --model models/sd21-qk --prompts comp90/objects_eval.txt --seeds 0-599 --out runs/sd21-qk":
     "the SD 2.1 model fine-tuned above",
 }

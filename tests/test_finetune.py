@@ -169,7 +169,7 @@ def test_v_prediction_models_train_on_the_velocity(tiny_sd_v_path, data):
 
 
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tiny_sd_path, data, tmp_path):
-    opts = FinetuneOptions(batch=2, accumulation=2, steps=5, checkpoint_every=2, log_every=1, lr=1e-3,
+    opts = FinetuneOptions(batch=2, accumulation=2, steps=5, checkpoint_every=2, log_every=3, lr=1e-3,
                            ema_decay=0.9)
     finetune(data, str(tiny_sd_path), tmp_path / "straight", opts, device="cpu")
     out = tmp_path / "killed"
@@ -183,6 +183,19 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tiny_sd_path, data
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [list(csv.DictReader(open(p / "loss.csv"))) for p in (tmp_path / "straight", out)]
     assert [(r["step"], r["loss"]) for r in rows[0]] == [(r["step"], r["loss"]) for r in rows[1]]
+
+
+def test_worker_processes_read_the_same_batches(data):
+    """Batches are a function of their position: in DataLoader workers, or as process 1 of 2, the same ones."""
+    examples = read_image_folder(data)
+    plain, ahead = Batches(examples, 3, 16, 7), Batches(examples, 3, 16, 7, workers=2)
+    direct = [plain.batch(n) for n in (5, 7, 9)]  # process 1 of 2 from position 2 reads batches 5, 7, 9
+    fetched = [b for b, _ in zip(ahead(2, 1, 2), range(3), strict=False)]
+    for (pa, ta), (pb, tb) in zip(direct, fetched, strict=True):
+        assert torch.equal(pa, pb) and ta == tb
+    # 4 images, batches of 3: batch 1 spans the end of epoch 0 and the start of epoch 1; each epoch is a permutation
+    epoch0 = plain.batch(0)[1] + plain.batch(1)[1][:1]
+    assert sorted(epoch0) == sorted(e.text for e in examples)
 
 
 def test_resuming_with_other_settings_is_refused(tiny_sd_path, data, tmp_path):

@@ -47,6 +47,7 @@ def register(seeds_app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Data order, flips, noise and timesteps."),
         no_center_crop: bool = typer.Option(False, "--no-center-crop", help="Crop the top-left square instead."),
         no_random_flip: bool = typer.Option(False, "--no-random-flip", help="Do not mirror images at random."),
+        workers: int = typer.Option(0, "--workers", help="Processes that decode images ahead of the GPU."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: the best available; several "
                                           "GPUs: `accelerate launch -m diffprobe.cli seeds finetune ...`)."),
     ) -> None:
@@ -60,7 +61,7 @@ def register(seeds_app: typer.Typer) -> None:
             accumulation=grad_accum, warmup=warmup, ema_decay=None if no_ema else ema_decay,
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, center_crop=not no_center_crop,
-            random_flip=not no_random_flip)
+            random_flip=not no_random_flip, workers=workers)
         try:
             result = finetune(data, model, out, options, device=device, keep_work=keep_checkpoints)
         except KeyboardInterrupt:

@@ -100,9 +100,9 @@ class Batches:
     """Batch number ``b`` holds items ``b*size .. b*size+size-1`` of the endless stream of shuffled epochs."""
 
     def __init__(self, examples: list[Example], size: int, resolution: int, seed: int, center_crop: bool = True,
-                 random_flip: bool = True):
+                 random_flip: bool = True, workers: int = 0):
         self.examples, self.size, self.resolution, self.seed = examples, size, resolution, seed
-        self.center_crop, self.random_flip = center_crop, random_flip
+        self.center_crop, self.random_flip, self.workers = center_crop, random_flip, workers
         self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +125,25 @@ class Batches:
         return torch.stack(pixels), texts
 
     def __call__(self, position: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """This process's micro-batches from ``position`` on (the training core's data interface)."""
-        while True:
-            yield self.batch(position * world + rank)
-            position += 1
+        """This process's micro-batches from ``position`` on (the training core's data interface); with
+        ``workers`` they are decoded ahead in DataLoader worker processes, in the same order."""
+        if not self.workers:
+            while True:
+                yield self.batch(position * world + rank)
+                position += 1
+        positioned = _Positioned(self, position, rank, world)
+        yield from torch.utils.data.DataLoader(positioned, batch_size=None, num_workers=self.workers,
+                                               prefetch_factor=2)
+
+
+class _Positioned(torch.utils.data.Dataset):
+    """Item ``i``: the micro-batch a process reads at position ``start + i``."""
+
+    def __init__(self, batches: Batches, start: int, rank: int, world: int):
+        self.batches, self.start, self.rank, self.world = batches, start, rank, world
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, i: int):
+        return self.batches.batch((self.start + i) * self.world + self.rank)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import InputError, check_writable
 from ..models.libraries import quiet_libraries
 from ..training import StepContext, Trainer, TrainSettings
+from ..training.core import RESUME_MAY_CHANGE
 from . import layers
 from .data import Batches, fingerprint, read_image_folder
 
@@ -55,6 +56,7 @@ class FinetuneOptions:
     seed: int = 0
     center_crop: bool = True
     random_flip: bool = True
+    workers: int = 0  # DataLoader processes that decode images ahead (0: in the training process)
 
     def check(self) -> None:
         if self.full and self.lora_rank is not None:
@@ -65,6 +67,8 @@ class FinetuneOptions:
             raise InputError(f"--lora RANK must be at least 1 (got {self.lora_rank})")
         if self.batch < 1:
             raise InputError(f"--batch-size must be at least 1 (got {self.batch})")
+        if self.workers < 0:
+            raise InputError(f"--workers cannot be negative (got {self.workers})")
         if self.resolution is not None and self.resolution < 8:
             raise InputError(f"--resolution must be at least 8 pixels (got {self.resolution})")
 
@@ -179,10 +183,12 @@ def finetune(data: str | Path, model: str, out: str | Path, options: FinetuneOpt
     resolution = options.resolution or adapter.default_size[0]
     adapter.check_size(resolution, resolution)
     data_hash = fingerprint(Path(data), examples)
-    identity = {"model": adapter.identity(), "data_sha256": data_hash, "options": asdict(options),
+    options_record = {k: v for k, v in asdict(options).items() if k not in (*RESUME_MAY_CHANGE, "workers")}
+    identity = {"model": adapter.identity(), "data_sha256": data_hash, "options": options_record,
                 "resolution": resolution, "selection": None if selection is None else list(selection.modules)}
     noise_scheduler = noise_scheduler_of(adapter)
-    batches = Batches(examples, options.batch, resolution, options.seed, options.center_crop, options.random_flip)
+    batches = Batches(examples, options.batch, resolution, options.seed, options.center_crop, options.random_flip,
+                      options.workers)
 
     def loss(batch: tuple[torch.Tensor, list[str]], ctx: StepContext) -> torch.Tensor:
         pixels, texts = batch

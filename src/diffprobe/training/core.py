@@ -276,8 +276,13 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+# Settings a resumed run may change: they decide when checkpoints are written, not what is trained.
+RESUME_MAY_CHANGE = ("checkpoint_every", "keep_checkpoints")
+
+
 def _check_settings(work_dir: Path, s: TrainSettings, identity: dict[str, Any], is_main: bool) -> None:
-    record = {"settings": s.record(), "identity": identity}
+    settings = {k: v for k, v in s.record().items() if k not in RESUME_MAY_CHANGE}
+    record = {"settings": settings, "identity": identity}
     file = work_dir / SETTINGS_FILE
     if file.is_file():
         old = json.loads(file.read_text())
