@@ -128,6 +128,7 @@ class Trainer:
                                 and not torch.backends.mps.is_available())
         probe = torch.device("cpu" if cpu else "cuda" if torch.cuda.is_available() else "mps")
         self.precision = _precision(settings.mixed_precision, probe)
+        _forget_other_accelerator(cpu, self.precision)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=self.precision)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -240,6 +241,20 @@ class Trainer:
             ema.copy_to(params)
         return FitResult(step, start if state else None, stopped, time.time() - t0, sum(p.numel() for p in params),
                          [float(x) for x in history])
+
+
+def _forget_other_accelerator(cpu: bool, precision: str) -> None:
+    """accelerate keeps one state per process and refuses another device or precision; a process that trains
+    twice (a test suite, a notebook) with other settings starts a fresh one. Launched runs (several processes)
+    keep theirs."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or PartialState().num_processes > 1:
+        return
+    device = state.get("device")
+    if state.get("_mixed_precision") != precision or (cpu and getattr(device, "type", "cpu") != "cpu"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own reset between trainings
 
 
 def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
