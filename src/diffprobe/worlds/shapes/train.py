@@ -1,7 +1,8 @@
 """Train the shapes-world model from a seed: ``python -m diffprobe.worlds.shapes.train --out DIR``.
 
 Phase 1 trains the KL autoencoder on rendered scenes; phase 2 trains the UNet and the text encoder jointly with the
-epsilon-prediction loss, dropping 10% of captions so classifier-free guidance works, and keeps an EMA of both. Scenes
+epsilon-prediction loss, dropping 10% of captions so classifier-free guidance works, and keeps an EMA of both (on
+the project's training core, :mod:`diffprobe.training`: AdamW, clipping, warm-up, diffusers' EMA, loss log). Scenes
 are rendered on the fly (scene layouts in DataLoader workers, pixels on the training device). Writes ``DIR/weights``
 (a Stable-Diffusion-style diffusers folder), ``DIR/loss.csv`` and ``DIR/training.json``.
 ``--init`` continues a trained folder; ``--replay training.json`` trains a recorded chain of runs again.
