@@ -135,3 +135,16 @@ def test_lora_training_is_refused_where_diffusers_cannot_load_it(tiny_pixart_pat
         finetune(data, str(tiny_pixart_path), tmp_path / "out", FinetuneOptions(lora_rank=2, steps=1, batch=1),
                  device="cpu")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.training").exists()
+
+
+def test_a_spec_file_names_lora_adapters_under_the_model(tmp_path):
+    from diffprobe.spec import load_spec_file
+
+    file = tmp_path / "run.yaml"
+    file.write_text('model: {name: shapes, lora: ["some/lora:0.7", {source: ./local, scale: 2}]}\n'
+                    "prompts: [a red circle]\nseeds: 0-1\n")
+    spec, _, _ = load_spec_file(file)
+    assert spec.model.lora == (LoraSpec(source="some/lora", scale=0.7), LoraSpec(source="./local", scale=2.0))
+    file.write_text('model: {name: shapes, lora: [{source: x, scale: .nan}]}\nprompts: [a]\n')
+    with pytest.raises(InputError, match="model.lora.0.scale: a LoRA scale must be a finite number"):
+        load_spec_file(file)
