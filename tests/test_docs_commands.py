@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
+DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
+            "local detector)")
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
     "make test": "runs this test suite",
@@ -39,12 +41,22 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
+    "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds 0 --out runs/comp90-eval": HUB + "; and the "
+    "user's copy of Comp90 (tests/test_prompts.py loads the suites from small files)",
+    "diffprobe judge --agreement runs/judged --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2-vl "
+    "--against shapes": "needs a VLM server (tests/test_agreement.py compares judges end to end)",
+    "diffprobe judge runs/sd15-counts --judge detector --detector google/owlv2-base-patch16-ensemble": DETECTOR,
+    "diffprobe judge runs/sd15-spatial --judge detector --detector IDEA-Research/grounding-dino-tiny --margin 0.1":
+    DETECTOR,
+    "diffprobe judge runs/sd15-cc500 --judge detector --detector google/owlv2-base-patch16-ensemble --clip "
+    "clip-vit-l14": DETECTOR,
     "diffprobe seeds finetune data/sd21-counts --model stabilityai/stable-diffusion-2-1 --workers 4 "
     "--out models/sd21-qk": HUB,
     "accelerate launch --num_processes 2 -m diffprobe.cli seeds finetune data/sd21-counts --model "
     "stabilityai/stable-diffusion-2-1 --grad-accum 4 --workers 4 --out models/sd21-qk": "two GPUs and " + HUB,
-    "diffprobe generate --model models/sd21-qk --prompts comp90/objects_eval.txt --seeds 0-599 --out runs/sd21-qk":
-    "the SD 2.1 model fine-tuned above",
+    "diffprobe generate --model models/sd21-qk --prompts comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset "
+    "--seeds 0 --out runs/sd21-qk": "the SD 2.1 model fine-tuned above, and the user's copy of Comp90",
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 

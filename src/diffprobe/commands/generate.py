@@ -86,7 +86,8 @@ def register(app: typer.Typer) -> None:
         prompts: str | None = typer.Option(
             None, "--prompts", help="Prompt file (.txt one per line, .csv/.tsv/.jsonl/.json with a 'prompt' column, "
             "Comp90 objects_<split>.txt) or a built-in suite: scs100, scs100-monet-sdxl, scs100-monet-lora, cc500, "
-            "shapes-<split>[-<category>]."),
+            "shapes-<split>[-<category>], comp90-<numerical|spatial>-<split>:PATH (a Comp90 prompt_dataset/ "
+            "folder; splits mining, train, eval)."),
         seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds: 0-19, 1,5,9, @FILE, or scs100[:N]."),
         steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: the model's, else 50)."),
         scheduler: str | None = typer.Option(None, "--scheduler", help="default (the checkpoint's), ddim, "

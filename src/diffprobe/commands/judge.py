@@ -40,7 +40,8 @@ def category_of(question: dict[str, Any]) -> str:
     return str(kind)
 
 
-def _order(category: str) -> tuple[int, int, str]:
+def category_order(category: str) -> tuple[int, int, str]:
+    """Sort key of summary categories: counts by number, then attribute, then relations."""
     kind, _, rest = category.partition(" ")
     rank = {"count": 0, "attribute": 1, "relation": 2}.get(kind, 3)
     return (rank, int(rest) if kind == "count" and rest.isdigit() else 0, rest)
@@ -66,7 +67,7 @@ def summarize(rows: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, An
     groups: dict[str, list[bool | None]] = {}
     for r in rows:
         groups.setdefault(r["category"], []).append(r["correct"])
-    cats = {c: groups[c] for c in sorted(groups, key=_order)}
+    cats = {c: groups[c] for c in sorted(groups, key=category_order)}
     cats["all"] = [r["correct"] for r in rows]
     out: dict[str, Any] = {}
     for name, values in cats.items():
@@ -78,8 +79,26 @@ def summarize(rows: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, An
     return {"categories": out, "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped)}
 
 
+def build_judges(names: list[str], options: dict[str, Any] | None = None) -> list[Judge]:
+    """The judges named, each made with the options its factory takes (an option left at None is not given).
+    An option given once applies to every named judge that takes it; one that none takes is an InputError."""
+    from ..judges import judge_options, make_judge
+
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    accepted = [judge_options(name) for name in names]
+    if unused := sorted(k for k in given if all(a is not None and k not in a for a in accepted)):
+        raise InputError(f"option(s) {', '.join(unused)} apply to no chosen judge ({', '.join(names)}); "
+                         "leave them out or choose a judge that takes them")
+    return [make_judge(name, **{k: v for k, v in given.items() if a is None or k in a})
+            for name, a in zip(names, accepted, strict=True)]
+
+
 def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
-              progress: bool = True, batch_size: int = BATCH) -> JudgeResult:
+              progress: bool = True, batch_size: int = BATCH, write: bool = True,
+              summary_out: Path | None = None) -> JudgeResult:
+    """Judge every image of the run with a question (resumable), then, with ``write``, write the per-image JSONL
+    (``out``) and the summary JSON (``summary_out``; defaults under RUN/scores/). ``write=False`` only stores the
+    verdicts and returns them (agreement between two judges reads them that way)."""
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
     from ..prompts import Prompt
@@ -90,8 +109,9 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
         judge = make_judge(judge)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if out is not None:
-        check_writable(out)
+    for target in (out, summary_out) if write else ():
+        if target is not None:
+            check_writable(target)
     store = open_run(run_dir, write=True)
     try:
         report = store.repair()
@@ -105,6 +125,8 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
         for s in store.samples():
             if s.prompt not in questions:
                 q, reason = question_for(Prompt(s.prompt, s.prompt_meta))
+                if q is not None and (cannot := judge.supports(q)):
+                    q, reason = None, cannot  # e.g. a colour question for a detector without a CLIP
                 questions[s.prompt] = (q, reason if q is None else canonical_identity(question_dict(q)))
             q, qjson = questions[s.prompt]
             if q is None:
@@ -142,10 +164,12 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
                                 "question": question, "image_sha256": s.image_sha256})
         result.summary = {"metric": SUMMARY_NAME, "judge": identity, "run": str(store.root),
                           **summarize(result.rows, result.skipped)}
+        if not write:
+            return result
         result.jsonl = out or store.root / SCORES_DIR / f"{SUMMARY_NAME}.jsonl"
         with writing(result.jsonl) as path:
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows), encoding="utf-8")
-        result.summary_path = store.root / SCORES_DIR / f"{SUMMARY_NAME}.json"
+        result.summary_path = summary_out or store.root / SCORES_DIR / f"{SUMMARY_NAME}.json"
         per_image = [{"key": r["key"], "prompt": r["prompt"], "seed": r["seed"], "category": r["category"],
                       "score": float(r["correct"])} for r in result.rows if r["correct"] is not None]
         write_json({**result.summary, "per_image": per_image}, result.summary_path)
@@ -166,21 +190,89 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+DETECTOR_PANEL = "Detector judge (--judge detector)"
+
+
+def detector_options(judges: list[str], *, detector: str | None, clip: str | None,
+                     box_threshold: float | None, nms_iou: float | None, margin: float | None, pairs: str | None,
+                     device: str | None) -> dict[str, Any]:
+    """The detector judge's ``make_judge`` options from its flags: only the flags given, so the judge's own defaults
+    apply to the rest; a detector flag with another judge is a mistake."""
+    given = {k: v for k, v in {"detector": detector, "clip": clip, "box_threshold": box_threshold,
+                               "nms_iou": nms_iou, "margin": margin, "pairs": pairs, "device": device}.items()
+             if v is not None}
+    if "detector" not in judges:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise InputError(f"{flags} belong to the detector judge; add --judge detector or leave them out")
+        return {}
+    if "detector" not in given:
+        raise InputError("--judge detector needs --detector MODEL: a hub id (google/owlv2-base-patch16-ensemble, "
+                         "IDEA-Research/grounding-dino-tiny) or a local folder")
+    return given
+
+
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     def judge_cmd(
         run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
-        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world)."),
+        judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world), "
+                                  "detector (open-vocabulary detector: --detector MODEL)."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Per-image JSONL (default: "
-                                        "RUN/scores/composition.jsonl)."),
+                                        "RUN/scores/composition.jsonl); with --agreement, the agreement JSON "
+                                        "(default: RUN/scores/agreement_<A>_vs_<B>.json)."),
+        agreement: bool = typer.Option(False, "--agreement", help="Compare --judge (A) with --against (B) on the "
+                                       "same images: accuracy, Cohen's kappa and the confusion table per "
+                                       "category. Images a judge has not judged yet are judged first."),
+        against: str | None = typer.Option(None, "--against", help="With --agreement: the judge to compare with "
+                                           "(B), made with the same judge options where it takes them."),
         batch_size: int = typer.Option(BATCH, "--batch-size", "-b", help="Images per judge call (each batch is "
                                        "committed to the run at once)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        detector: str | None = typer.Option(None, "--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
+                                            "local folder.", rich_help_panel=DETECTOR_PANEL),
+        box_threshold: float | None = typer.Option(None, "--box-threshold", help="Boxes count when their score is "
+                                                   "above this (default 0.3).", rich_help_panel=DETECTOR_PANEL),
+        nms_iou: float | None = typer.Option(None, "--nms-iou", help="Boxes of one noun overlapping a better one by "
+                                             "more IoU are duplicates (default 0.5; 1 keeps all).",
+                                             rich_help_panel=DETECTOR_PANEL),
+        margin: float | None = typer.Option(None, "--margin", help="Relation margin, a fraction of the two boxes' "
+                                            "summed size (default 0.1, as GenEval).", rich_help_panel=DETECTOR_PANEL),
+        pairs: str | None = typer.Option(None, "--pairs", help="Relations: any (some box of each object, default) "
+                                         "or top (the best box of each, as GenEval).", rich_help_panel=DETECTOR_PANEL),
+        clip: str | None = typer.Option(None, "--clip", help="CLIP hub id, alias (clip-vit-l14) or folder that "
+                                        "reads box colours; without it colour questions are skipped.",
+                                        rich_help_panel=DETECTOR_PANEL),
+        device: str | None = typer.Option(None, "--device", help="Device of the detector and CLIP: cuda, mps, cpu "
+                                          "(default: the best available).", rich_help_panel=DETECTOR_PANEL),
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
+        from ..store import open_run
+
         console = Console(stderr=True)
+        names = [judge] + ([against] if against else [])
+        # the judges' own options, each given to the judges whose factory takes it (judge_options(name))
+        options = detector_options(names, detector=detector, clip=clip, box_threshold=box_threshold,
+                                   nms_iou=nms_iou, margin=margin, pairs=pairs, device=device)
+        if against is not None and not agreement:
+            raise InputError("--against is for --agreement: add --agreement to compare the two judges")
+        if agreement and against is None:
+            raise InputError("--agreement needs --against NAME, the judge to compare --judge with")
+        if options:
+            open_run(run).close()  # a wrong run directory fails before a detector loads
         try:
-            result = judge_run(run, judge, out=out, console=console, progress=not quiet, batch_size=batch_size)
+            if agreement:
+                from .agreement import agreement_lines, agreement_run
+
+                judge_a, judge_b = build_judges([judge, against], options)
+                report = agreement_run(run, judge_a, judge_b, out=out, console=console, progress=not quiet,
+                                       batch_size=batch_size, names=(judge, against))
+                console.print(message(f"agreement written to {report['path']}"))
+                for line in agreement_lines(report):
+                    typer.echo(line)
+                return
+            [made] = build_judges([judge], options)
+            result = judge_run(run, made, out=out, console=console, progress=not quiet, batch_size=batch_size)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
             sys.exit(130)

@@ -1,4 +1,6 @@
-"""``diffprobe score scs|irs|clip``: metrics on a run directory or a folder of images; writes JSON."""
+"""``diffprobe score scs|irs|clip|composition``: metrics on a run directory or a folder of images; writes JSON.
+
+``composition`` is the summary of ``diffprobe judge`` (:func:`diffprobe.commands.judge.judge_run`) as a score."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from ..errors import check_writable
 from ..metrics.provenance import write_json
 
 score_app = typer.Typer(
-    help="Score images: consistency (scs), diversity (irs), text alignment (clip).", no_args_is_help=True
+    help="Score images: consistency (scs), diversity (irs), text alignment (clip), compositional accuracy "
+    "(composition).", no_args_is_help=True
 )
 console = Console(stderr=True)
 
@@ -224,6 +227,27 @@ def clip_cmd(
             f"{result['truncated_prompts'][0]['max_tokens']} tokens[/]"
         )
     _report(result, target)
+
+
+@score_app.command("composition")
+def composition_cmd(
+    run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
+    judge: str = typer.Option("shapes", "--judge", "-j", help="Judge: shapes (exact judge of the shapes world)."),
+    out: Annotated[Path | None, typer.Option(help="Output JSON (default: RUN/scores/composition.json).")] = None,
+    batch_size: BatchSize = 16,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Compositional accuracy per category (count N, attribute, each relation) with Wilson 95 % intervals: the
+    summary 'diffprobe judge' writes. Images not judged yet are judged first (stored in the run, resumable)."""
+    from .judge import build_judges, judge_run, summary_lines
+
+    [made] = build_judges([judge])
+    result = judge_run(run, made, console=console, progress=not quiet, batch_size=batch_size, summary_out=out)
+    for line in summary_lines(result.summary):
+        typer.echo(line)
+    console.print(message(f"{result.judged} judged, {result.already} already judged; per-image verdicts in "
+                          f"{result.jsonl}"))
+    console.print(message(f"wrote {result.summary_path}"))
 
 
 def register(app: typer.Typer) -> None:

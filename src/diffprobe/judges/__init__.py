@@ -1,12 +1,15 @@
 """Compositional judges: ``make_judge(name).judge(image, question) -> Verdict``.
 
-Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`).
+Registered: ``shapes`` (exact judge of the shapes world, :mod:`diffprobe.worlds.shapes.judge`) and ``detector``
+(open-vocabulary detector with box rules, :mod:`diffprobe.judges.detector`; options: ``detector=MODEL``, ``clip``,
+``box_threshold``, ``nms_iou``, ``margin``, ``pairs``, ``device``).
 Reading free-text answers (strict and ``rrs-substring`` parsers): :mod:`diffprobe.judges.answers`.
 Questions from prompts (``question_for``, spatial and question-field prompt files): :mod:`diffprobe.judges.questions`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from ..errors import InputError
@@ -31,6 +34,15 @@ def _shapes() -> Judge:
 register_judge("shapes", _shapes)
 
 
+def _detector(**options: object) -> Judge:
+    from .detector import make_detector_judge
+
+    return make_detector_judge(**options)  # type: ignore[arg-type]
+
+
+register_judge("detector", _detector)
+
+
 def make_judge(name: str, **options: object) -> Judge:
     if name not in _REGISTRY:
         raise InputError(f"unknown judge {name!r}; available: {', '.join(sorted(_REGISTRY))}")
@@ -41,6 +53,16 @@ def available_judges() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def judge_options(name: str) -> frozenset[str] | None:
+    """The option names judge ``name``'s factory takes (its keyword parameters); None where it takes any."""
+    if name not in _REGISTRY:
+        raise InputError(f"unknown judge {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 __all__ = ["PARSERS", "AnswerVerdict", "Judge", "ObjectSpec", "Parser", "Question", "Verdict", "available_judges",
-           "get_parser", "make_judge", "parse_count", "parse_yes_no", "question_for", "read_question_prompts",
-           "read_spatial_prompts", "register_judge"]
+           "get_parser", "judge_options", "make_judge", "parse_count", "parse_yes_no", "question_for",
+           "read_question_prompts", "read_spatial_prompts", "register_judge"]
