@@ -90,6 +90,12 @@ SKIPPED = {
     SD21,
     "diffprobe seeds dataset --model stabilityai/stable-diffusion-2-1 --seeds-file runs/sd21-mine/reliable_seeds.json "
     "--prompts comp90/objects_train.txt --rectify relabel --judge JUDGE --dtype fp16 --out data/sd21-seeds": SD21,
+    "diffprobe seeds finetune data/sd21-counts --model stabilityai/stable-diffusion-2-1 --workers 4 "
+    "--out models/sd21-qk": HUB,
+    "accelerate launch --num_processes 2 -m diffprobe.cli seeds finetune data/sd21-counts --model "
+    "stabilityai/stable-diffusion-2-1 --grad-accum 4 --workers 4 --out models/sd21-qk": "two GPUs and " + HUB,
+    "diffprobe generate --model models/sd21-qk --prompts comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset "
+    "--seeds 0 --out runs/sd21-qk": "the SD 2.1 model fine-tuned above, and the user's copy of Comp90",
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 
@@ -97,11 +103,15 @@ SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; r
 SEEDS = "0-1"  # the fewest seeds SCS can score (2 images per prompt)
 STEPS = "2"  # --steps N -> 2, and --steps 2 added where the command leaves the model's default
 SUITE_PROMPTS = 2  # --prompts <built-in suite> -> a prompt file of the suite's first 2 distinct prompts
+# `seeds finetune --steps N` -> 2 as well (optimisation steps)
 
 
 def _user_data(folder: Path) -> None:
     """The folders README's IRS example names as the user's own data: rendered shapes-world scenes (the shapes
-    model's training distribution) stand in for training images and held-out real images."""
+    model's training distribution) stand in for training images and held-out real images; ``captioned_images``
+    (the fine-tuning docs' data) holds scenes with their captions in metadata.jsonl."""
+    import json
+
     from diffprobe.worlds import shapes
 
     for name, start in (("train_images", 0), ("test_images", 1000)):
@@ -109,6 +119,13 @@ def _user_data(folder: Path) -> None:
         for i in range(start, start + 8):
             scene, _ = shapes.training_example(i)
             shapes.render(scene).save(folder / name / f"{i}.png")
+    (folder / "captioned_images").mkdir()
+    rows = []
+    for i in range(4):
+        scene, caption = shapes.training_example(i)
+        shapes.render(scene).save(folder / "captioned_images" / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (folder / "captioned_images" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def bash_commands(doc: Path) -> list[tuple[str, str]]:
@@ -160,6 +177,9 @@ def _capped(words: list[str], folder: Path) -> list[str]:
     generate = any(words[:len(command)] == command for command in SAMPLING)
     # prompts with their questions where the command reads them (seeds commands, reliable:FILE seeds)
     seeds_command = words[:2] == ["diffprobe", "seeds"] or any(w.startswith("reliable:") for w in words)
+    """``words`` with the substitutions above applied."""
+    generate = words[:2] == ["diffprobe", "generate"]
+    finetune = words[:3] == ["diffprobe", "seeds", "finetune"]
     out, i = [], 0
     while i < len(words):
         word, value = words[i], words[i + 1] if i + 1 < len(words) else None
@@ -167,7 +187,7 @@ def _capped(words: list[str], folder: Path) -> list[str]:
             value = str(folder / value)
         elif generate and word == "--seeds" and not str(value).startswith("reliable:"):
             value = SEEDS
-        elif generate and word == "--steps":
+        elif (generate or finetune) and word == "--steps":
             value = STEPS
         elif generate and word == "--prompts" and not (folder / value).exists():
             value = _question_excerpt(value, folder) if seeds_command else _suite_excerpt(value, folder)

@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 
 from diffprobe.cli import app
 from diffprobe.errors import InputError
+from diffprobe.finetune.data import read_image_folder
 from diffprobe.judges import register_judge
 from diffprobe.judges.base import Judge, Verdict
 from diffprobe.metrics.stats import wilson
 from diffprobe.prompts import Prompt
-from diffprobe.seeds.dataset import read_dataset, relabel_caption
+from diffprobe.seeds.dataset import relabel_caption
 from diffprobe.seeds.file import ReliableSeeds, read_reliable
 from diffprobe.seeds.mining import SeedTally, chi_square, mine, rank
 from diffprobe.seeds.reliable import choose_seeds
@@ -329,7 +330,7 @@ def test_dataset_relabel_and_filter(mined, tmp_path):
     res = invoke(["seeds", "dataset", "--model", "shapes", "--seeds-file", file, "--prompts", prompts, "--steps",
                   STEPS, "--rectify", "relabel", "--judge", "hash-test", "--out", tmp_path / "data", "-q"])
     assert res.exit_code == 0, res.output
-    items = read_dataset(tmp_path / "data")
+    items = read_image_folder(tmp_path / "data")
     assert len(items) == len(PROMPTS)
     manifest = json.loads((tmp_path / "data" / "dataset.json").read_text())
     assert manifest["rectify"] == "relabel" and manifest["rng_seed"] == 77 and manifest["images"] == len(PROMPTS)
@@ -338,9 +339,9 @@ def test_dataset_relabel_and_filter(mined, tmp_path):
     for item in items:
         r = item.record
         assert r["seed"] in reliable.top(r["category"])
-        assert hashlib.sha256(item.image.read_bytes()).hexdigest() == mined_images[(r["prompt"], r["seed"])]
+        assert hashlib.sha256(item.path.read_bytes()).hexdigest() == mined_images[(r["prompt"], r["seed"])]
         q = _question(r["prompt"])
-        with Image.open(item.image) as im:
+        with Image.open(item.path) as im:
             ok = judge.judge(im.convert("RGB"), q).correct
         assert r["correct"] == ok
         if ok or q.kind == "relation":
@@ -355,7 +356,7 @@ def test_dataset_relabel_and_filter(mined, tmp_path):
         assert res.exit_code == 2 and "no image is left" in res.output
     else:
         assert res.exit_code == 0, res.output
-        kept = read_dataset(tmp_path / "filtered")
+        kept = read_image_folder(tmp_path / "filtered")
         assert len(kept) == len(items) - wrong and all(i.record["correct"] for i in kept)
 
 

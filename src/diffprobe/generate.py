@@ -253,7 +253,7 @@ def generate(
             from .models import load_model
 
             adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
-                                 dtype=spec.model.dtype, scheduler=spec.sampler.scheduler)
+                                 dtype=spec.model.dtype, scheduler=spec.sampler.scheduler, lora=spec.model.lora)
         defaults = adapter.guidance_defaults()
         if any(name not in spec.guidance.params for name in defaults):  # the model's recommended parameters
             guider = make_run_guider(spec, metas, defaults)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from .errors import InputError
 
@@ -27,6 +27,37 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts signed 64-bit seeds
 MAX_SIZE = 16_384  # pixels per side; far beyond any released checkpoint, and a typo's 10**9 fails at once
 
 
+class LoraSpec(BaseModel):
+    """A LoRA adapter applied at generation: a local folder or file, or a hub id, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1)
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, scale: float) -> float:
+        if not math.isfinite(scale):
+            raise ValueError(f"a LoRA scale must be a finite number (got {scale})")
+        return scale
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``DIR_OR_HUB_ID`` or ``DIR_OR_HUB_ID:SCALE`` (the scale is the part after the last colon when it is a
+    number)."""
+    text = text.strip()
+    source, sep, tail = text.rpartition(":")
+    if sep and source:
+        try:
+            return LoraSpec(source=source, scale=float(tail))
+        except ValueError:
+            pass
+    if not text:
+        raise InputError("empty --lora; give a LoRA folder, file or hub id, optionally with :SCALE")
+    return LoraSpec(source=text)
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,6 +65,24 @@ class ModelSpec(BaseModel):
     family: str | None = None  # None: detected from the model's config
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU
     device: str | None = None  # None: cuda > mps > cpu (not part of the job key)
+    lora: tuple[LoraSpec, ...] = ()  # LoRA adapters applied in this order (left out of dumps when there is none)
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_strings(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return tuple(parse_lora(v) if isinstance(v, str) else v for v in value)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_empty_lora(self, handler):
+        # A model without LoRA dumps exactly as before the field existed: same stored specs, same default run dirs.
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("lora"):
+            data.pop("lora", None)
+        return data
 
 
 class SamplerSpec(BaseModel):
@@ -248,6 +297,7 @@ def _named_seeds(name: str, n: int | None) -> list[int]:
 SPEC_KEYS = {"model", "prompts", "seeds", "sampler", "guidance"}
 # The flag that sets each field, for messages about values that came from the command line.
 FLAGS = {"model.name": "--model", "model.family": "--family", "model.dtype": "--dtype", "model.device": "--device",
+         "model.lora": "--lora",
          "sampler.steps": "--steps", "sampler.scheduler": "--scheduler", "sampler.height": "--height",
          "sampler.width": "--width", "sampler.generator_device": "--generator-device", "guidance.name": "--guidance"}
 

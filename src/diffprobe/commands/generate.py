@@ -15,7 +15,7 @@ from rich.console import Console
 from ..console import message
 from ..errors import InputError, check_writable
 from ..prompts import Prompt
-from ..spec import RELIABLE_PREFIX, RunSpec, build_spec, canonical_json, load_spec_file
+from ..spec import RELIABLE_PREFIX, RunSpec, build_spec, canonical_json, load_spec_file, parse_lora
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -39,8 +39,8 @@ def spec_from_flags(*, model: str, family: str | None, dtype: str | None, device
                     prompts_file: str | None, seeds: str, steps: int | None, scheduler: str | None,
                     height: int | None, width: int | None, generator_device: str, guidance: str,
                     scale: float | None, guidance_param: list[str],
-                    concepts: str | None, use_stored_latents: bool = False,
-                    reliable_rng: int | None = None) -> tuple[RunSpec, list[Prompt], int]:
+                    concepts: str | None, use_stored_latents: bool = False, reliable_rng: int | None = None,
+                    lora: list[str] | None = None) -> tuple[RunSpec, list[Prompt], int]:
     """The RunSpec for the CLI flags, the prompts with their metadata, and how many repeated prompts were dropped
     (the flags become a spec file's mapping, and the spec file's builder makes the spec)."""
     if prompt and prompts_file:
@@ -58,7 +58,8 @@ def spec_from_flags(*, model: str, family: str | None, dtype: str | None, device
     if concepts is not None:
         params.update(_concept_params(concepts))
     return build_spec({
-        "model": {"name": model, "family": family, "dtype": dtype, "device": device},
+        "model": {"name": model, "family": family, "dtype": dtype, "device": device,
+                  **({"lora": [parse_lora(x) for x in lora]} if lora else {})},
         "prompts": prompt or prompts_file,
         "seeds": seed_value,
         "sampler": {"steps": steps, "scheduler": scheduler, "height": height, "width": width,
@@ -121,6 +122,8 @@ def register(app: typer.Typer) -> None:
                                        "depends only on its seed)."),
         max_model_batch: int | None = typer.Option(None, "--max-model-batch", help="Most rows (images x guidance "
                                                    "branches) per denoiser call (default: all; halved on GPU OOM)."),
+        lora: list[str] = typer.Option([], "--lora", help="LoRA adapter DIR, FILE or HUB_ID, optionally :SCALE "
+                                       "(repeatable; sd, sdxl). Its identity and scale key the images."),
         family: str | None = typer.Option(None, "--family", help="Override detection: sd, sdxl, pixart."),
         dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 CPU)."),
         device: str | None = typer.Option(None, "--device", help="cuda, mps, cpu (default: the best available)."),
@@ -145,7 +148,7 @@ def register(app: typer.Typer) -> None:
                      "--guidance": guidance != "cfg", "--scale": scale is not None,
                      "--guidance-param": bool(guidance_param),
                      "--concepts": concepts is not None, "--height": height is not None, "--width": width is not None,
-                     "--family": family is not None, "--dtype": dtype is not None,
+                     "--family": family is not None, "--dtype": dtype is not None, "--lora": bool(lora),
                      "--generator-device": generator_device != "cpu", "--use-stored-latents": use_stored_latents,
                      "--reliable-rng": reliable_rng is not None}
             if clash := [flag for flag, given in flags.items() if given]:
@@ -158,7 +161,7 @@ def register(app: typer.Typer) -> None:
                 model=model, family=family, dtype=dtype, device=device, prompt=prompt, prompts_file=prompts,
                 seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
                 generator_device=generator_device, guidance=guidance, scale=scale, guidance_param=guidance_param,
-                concepts=concepts, use_stored_latents=use_stored_latents, reliable_rng=reliable_rng)
+                concepts=concepts, use_stored_latents=use_stored_latents, reliable_rng=reliable_rng, lora=lora)
         if dropped:
             console.print(f"note: {dropped} repeated prompt(s) appear once in the run", highlight=False)
         if new and extend:

@@ -1,4 +1,5 @@
-"""``diffprobe seeds``: mine reliable seeds with a judge, show them, and build a fine-tuning data set with them."""
+"""``diffprobe seeds``: mine reliable seeds with a judge, show them, build a fine-tuning data set with them, and
+fine-tune Q/K on it (:mod:`diffprobe.commands.finetune`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from rich.console import Console
 from ..console import message
 from ..errors import InputError
 from ..prompts import Prompt
+from . import finetune
 from .judge import JUDGE_HELP, make_judges, with_judge_flags
 
-seeds_app = typer.Typer(help="Reliable seeds: mine them with a judge, show them, build a data set with them.",
-                        no_args_is_help=True)
+seeds_app = typer.Typer(help="Reliable seeds: mine them with a judge, show them, build a data set with them, "
+                        "fine-tune Q/K on it.", no_args_is_help=True)
 
 
 def _interrupted(console: Console, where: Path) -> None:
@@ -154,6 +156,9 @@ def dataset_cmd(
     actions = ", ".join(f"{n} {a}" for a, n in result.manifest["actions"].items())
     console.print(message(f"{result.items} image(s) in {result.root / 'train'} ({actions})"))
     typer.echo(str(result.root))
+
+
+finetune.register(seeds_app)
 
 
 def register(app: typer.Typer) -> None:

@@ -312,3 +312,29 @@ def build_tiny_grounding_dino(path: str | Path, seed: int = 0) -> Path:
     image_processor = transformers.GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 48})
     transformers.GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def sd_shaped_random_pipeline(
+    folder: str | Path,
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128),
+    cross_attention_dim: int = 128,
+    sample_size: int = 32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """SD 1.x's UNet layout (three cross-attention down blocks, a plain one, mid, the mirror image up, two layers per
+    block) at a chosen width, with a small text encoder and a few-channel VAE of factor 8, built in memory (for
+    benchmarks of training at a size a CPU can take). ``folder`` receives the tokenizer files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=sample_size, block_out_channels=block_out_channels,
+                                    cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+                                    norm_num_groups=min(32, block_out_channels[0]))
+        text = CLIPTextModel(_clip_text_config(cross_attention_dim))
+        vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
+                            sample_size=sample_size * 8)
+    return _sd_pipeline(Path(folder), unet, text, vae, _scheduler()).to(device)

@@ -9,7 +9,8 @@ by a judge (P6: ``relabel`` rewrites a wrong count caption to the count the judg
     DATA/run/                  the run store the images were generated into (resumable, provenance per image)
 
 ``DATA/train`` is a Hugging Face ``imagefolder`` (``load_dataset("imagefolder", data_dir=DATA)`` gives split
-``train`` with columns ``image``, ``text``, ...); :func:`read_dataset` is the reader the fine-tuning command uses.
+``train`` with columns ``image``, ``text``, ...); the fine-tuning command reads it with
+:func:`diffprobe.finetune.data.read_image_folder`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 
 from ..errors import InputError, check_writable
+from ..finetune.data import METADATA, TRAIN_DIR
 from .file import write_json_atomic
 from .reliable import DEFAULT_RNG_SEED, ReliableRequest, prompt_category, reliable_spec
 
@@ -38,18 +40,9 @@ if TYPE_CHECKING:
 Rectify = Literal["none", "relabel", "filter"]
 RECTIFY_MODES = ("none", "relabel", "filter")
 DATASET_FORMAT = "diffprobe-seeds-dataset"
-TRAIN_DIR = "train"
-METADATA = "metadata.jsonl"
 MANIFEST = "dataset.json"
 RUN_DIR = "run"
 ZERO_WORD = "zero"
-
-
-@dataclass
-class DatasetItem:
-    image: Path
-    text: str
-    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,34 +213,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def read_dataset(root: str | Path) -> list[DatasetItem]:
-    """The images and captions of a data set folder (``DATA`` or ``DATA/train``); InputError where the folder is
-    not one, or holds no images."""
-    root = Path(root)
-    folder = root / TRAIN_DIR if (root / TRAIN_DIR / METADATA).is_file() else root
-    meta = folder / METADATA
-    if not meta.is_file():
-        raise InputError(f"{root} is not a data set folder (no {TRAIN_DIR}/{METADATA}); make one with "
-                         "'diffprobe seeds dataset'")
-    items = []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise InputError(f"{meta} line {n}: invalid JSON ({err})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or not isinstance(
-                record.get("text"), str):
-            raise InputError(f"{meta} line {n}: needs 'file_name' and 'text' strings")
-        image = folder / record["file_name"]
-        if not image.is_file():
-            raise InputError(f"{meta} line {n}: image {record['file_name']} is missing from {folder}")
-        items.append(DatasetItem(image, record["text"], record))
-    if not items:
-        raise InputError(f"the data set {root} holds no images")
-    return items
 
-
-__all__ = ["DEFAULT_RNG_SEED", "DatasetItem", "DatasetResult", "build_dataset", "dataset_spec", "read_dataset",
+__all__ = ["DEFAULT_RNG_SEED", "DatasetResult", "build_dataset", "dataset_spec",
            "rectify_row", "relabel_caption"]
