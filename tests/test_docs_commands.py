@@ -29,7 +29,7 @@ VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.p
              "loopback OpenAI-compatible server)")
 DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
             "local detector)")
-SD21 = HUB + ", the official repository's Comp90 files and a judge of photographs (JUDGE)"
+SD21 = HUB + ", the user's copy of Comp90 and a VLM server (tests/test_seeds.py mines with the same code)"
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
     "make test": "runs this test suite",
@@ -83,16 +83,20 @@ SKIPPED = {
     "/tmp/fd-fmnist-fd/heldout-efficientnet-lite0@64.json": FMNIST,
     "diffprobe score fd /tmp/fd-fmnist-fd/half/test --ref /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz "
     "--embedder efficientnet-lite0@64 --out /tmp/fd-fmnist-fd/half-efficientnet-lite0@64.json": FMNIST,
-    "diffprobe seeds mine --model stabilityai/stable-diffusion-2-1 --prompts comp90-mine/objects_train.txt --seeds "
-    "0-99 --dtype fp16 --generator-device cuda --judge JUDGE --out runs/sd21-mine": SD21,
-    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts comp90/objects_eval.txt --seeds "
-    "reliable:runs/sd21-mine/reliable_seeds.json --dtype fp16 --generator-device cuda --out runs/sd21-eval-reliable":
+    "diffprobe seeds mine --model stabilityai/stable-diffusion-2-1 --prompts "
+    "comp90-numerical-mining:Reliable-Random-Seeds/prompt_dataset --seeds 0-99 --dtype fp16 --generator-device cuda "
+    "--judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2-VL-7B-Instruct --out runs/sd21-mine":
     SD21,
+    "diffprobe seeds show runs/sd21-mine/reliable_seeds.json": "reads the seeds file the SD 2.1 mining above writes",
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
+    "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds reliable:runs/sd21-mine/reliable_seeds.json "
+    "--dtype fp16 --generator-device cuda --out runs/sd21-eval-reliable": SD21,
     "diffprobe seeds dataset --model stabilityai/stable-diffusion-2-1 --seeds-file runs/sd21-mine/reliable_seeds.json "
-    "--prompts comp90/objects_train.txt --rectify relabel --judge JUDGE --dtype fp16 --out data/sd21-seeds": SD21,
-    "diffprobe seeds finetune data/sd21-counts --model stabilityai/stable-diffusion-2-1 --workers 4 "
-    "--out models/sd21-qk": HUB,
-    "accelerate launch --num_processes 2 -m diffprobe.cli seeds finetune data/sd21-counts --model "
+    "--prompts comp90-numerical-train:Reliable-Random-Seeds/prompt_dataset --rectify relabel --judge vlm --judge-url "
+    "http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2-VL-7B-Instruct --dtype fp16 --out data/sd21-seeds": SD21,
+    "diffprobe seeds finetune data/sd21-seeds --model stabilityai/stable-diffusion-2-1 --workers 4 "
+    "--out models/sd21-qk": HUB + ", and the SD 2.1 data set made above",
+    "accelerate launch --num_processes 2 -m diffprobe.cli seeds finetune data/sd21-seeds --model "
     "stabilityai/stable-diffusion-2-1 --grad-accum 4 --workers 4 --out models/sd21-qk": "two GPUs and " + HUB,
     "diffprobe generate --model models/sd21-qk --prompts comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset "
     "--seeds 0 --out runs/sd21-qk": "the SD 2.1 model fine-tuned above, and the user's copy of Comp90",
@@ -108,10 +112,7 @@ SUITE_PROMPTS = 2  # --prompts <built-in suite> -> a prompt file of the suite's 
 
 def _user_data(folder: Path) -> None:
     """The folders README's IRS example names as the user's own data: rendered shapes-world scenes (the shapes
-    model's training distribution) stand in for training images and held-out real images; ``captioned_images``
-    (the fine-tuning docs' data) holds scenes with their captions in metadata.jsonl."""
-    import json
-
+    model's training distribution) stand in for training images and held-out real images."""
     from diffprobe.worlds import shapes
 
     for name, start in (("train_images", 0), ("test_images", 1000)):
@@ -119,13 +120,6 @@ def _user_data(folder: Path) -> None:
         for i in range(start, start + 8):
             scene, _ = shapes.training_example(i)
             shapes.render(scene).save(folder / name / f"{i}.png")
-    (folder / "captioned_images").mkdir()
-    rows = []
-    for i in range(4):
-        scene, caption = shapes.training_example(i)
-        shapes.render(scene).save(folder / "captioned_images" / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
-    (folder / "captioned_images" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def bash_commands(doc: Path) -> list[tuple[str, str]]:
@@ -177,8 +171,6 @@ def _capped(words: list[str], folder: Path) -> list[str]:
     generate = any(words[:len(command)] == command for command in SAMPLING)
     # prompts with their questions where the command reads them (seeds commands, reliable:FILE seeds)
     seeds_command = words[:2] == ["diffprobe", "seeds"] or any(w.startswith("reliable:") for w in words)
-    """``words`` with the substitutions above applied."""
-    generate = words[:2] == ["diffprobe", "generate"]
     finetune = words[:3] == ["diffprobe", "seeds", "finetune"]
     out, i = [], 0
     while i < len(words):

@@ -40,8 +40,8 @@ def _load_prompts(sources: list[str], console: Console) -> list[Prompt]:
 def mine_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help="Hub id, local diffusers folder, or 'shapes'."),
     prompts: list[str] = typer.Option(..., "--prompts", help="Prompt suite or file with count or relation questions "
-                                      "(repeatable): shapes-train-count, shapes-train-relation, a Comp90 "
-                                      "objects_<split>.txt, ..."),
+                                      "(repeatable): shapes-train-count, shapes-train-relation, "
+                                      "comp90-numerical-mining:PATH, a Comp90 objects_<split>.txt, ..."),
     seeds: str = typer.Option("0-99", "--seeds", "-s", help="Candidate seeds: 0-99, 1,5,9, @FILE."),
     judge: str = typer.Option("shapes", "--judge", "-j", help=JUDGE_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory for the mining grid (resumable)."),
@@ -121,7 +121,8 @@ def dataset_cmd(
     model: str = typer.Option("shapes", "--model", "-m", help="The model the seeds were mined with."),
     seeds_file: Path = typer.Option(..., "--seeds-file", help="reliable_seeds.json from 'diffprobe seeds mine'."),
     prompts: list[str] = typer.Option(..., "--prompts", help="Train prompts (repeatable): shapes-train-count, "
-                                      "shapes-train-relation, a Comp90 objects_train.txt, ..."),
+                                      "shapes-train-relation, comp90-numerical-train:PATH, a Comp90 "
+                                      "objects_train.txt, ..."),
     out: Path = typer.Option(..., "--out", "-o", help="Data set folder (see docs/seeds.md, 'Data set format')."),
     rectify: str = typer.Option("none", "--rectify", help="none, relabel (rewrite wrong count captions to the "
                                 "count the judge saw: the paper) or filter (drop wrong images)."),
