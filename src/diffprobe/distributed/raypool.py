@@ -65,6 +65,7 @@ class RayPool:
                        .remote(worker, threads) for _ in range(workers)]
         self.stats = [WorkerStats(f"ray-{i}") for i in range(workers)]
         self.alive = set(range(workers))
+        self.retries = 0  # batches sent again because their actor died
         try:
             self.info = self._setup(start_timeout)
         except BaseException:
@@ -117,6 +118,7 @@ class RayPool:
                                       f"running it ({failure(err, 'the last one')}); finished results are kept, "
                                       "run the same command to retry") from None
                 queue.appendleft((index, attempt + 1))
+                self.retries += 1
                 fill()
                 if not running:
                     raise WorkerError(f"every Ray worker died; {len(queue)} batch(es) are left, starting with "

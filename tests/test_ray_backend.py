@@ -1,0 +1,192 @@
+"""The Ray backend on a local two-CPU Ray cluster: the same images and job keys as the local backend, no finished
+image lost when an actor dies, bounded retries, and a worker that cannot load its model fails the run at once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffprobe.distributed import LocalBackend, make_backend
+from diffprobe.errors import InputError, WorkerError
+from diffprobe.generate import generate
+from diffprobe.spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec
+from diffprobe.store import open_run
+
+TESTS = Path(__file__).resolve().parent
+START_TIMEOUT = 120.0  # seconds for the actors of one pool to load their model
+
+
+def spec_for(model: str, prompts=("a red cube", "a blue ball"), seeds=(0, 1, 2), size: int | None = 16) -> RunSpec:
+    return RunSpec(model=ModelSpec(name=model, device="cpu", dtype="fp32"), prompts=list(prompts), seeds=list(seeds),
+                   sampler=SamplerSpec(steps=2, height=size, width=size), guidance=GuidanceSpec(params={"scale": 5.0}))
+
+
+def images_by_job(run) -> dict[tuple[str, int], tuple[str, str]]:
+    with open_run(run) as store:
+        return {(s.prompt, s.seed): (s.key, s.image_sha256) for s in store.samples()}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # Workers import diffprobe and this test module (its toy workers) the way the driver does.
+    paths = [str(TESTS), *(p for p in sys.path if p)]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
+             runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
+def ray_backend(**kwargs):
+    from diffprobe.distributed.raypool import RayBackend
+
+    return RayBackend(start_timeout=START_TIMEOUT, **{"workers": 2, **kwargs})
+
+
+# --- toy workers: square numbers, die on request ---------------------------------------------------------------
+
+
+class Squares:
+    """Squares each number of a batch; a number in ``die_on`` ends the worker's process (once per marker file,
+    or every time when ``always``)."""
+
+    def __init__(self, die_on: int | None = None, marker: str | None = None, always: bool = False,
+                 setup_error: str | None = None):
+        self.die_on, self.marker, self.always, self.setup_error = die_on, marker, always, setup_error
+
+    def setup(self):
+        if self.setup_error:
+            raise RuntimeError(self.setup_error)
+        return {"pid": os.getpid()}
+
+    def run(self, batch):
+        if self.die_on in batch and (self.always or not Path(self.marker).exists()):
+            if self.marker:
+                Path(self.marker).touch()
+            os._exit(1)
+        return [x * x for x in batch]
+
+
+def batches_of(n: int, size: int = 2) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def collect(pool, batches):
+    got = {}
+    for done in pool.imap_unordered(batches, describe=lambda b: f"batch starting at {b[0]}"):
+        got[done.index] = done.result
+    return got
+
+
+def test_worker_process_killed_mid_batch_is_retried_elsewhere(ray_cluster, tmp_path):
+    backend = ray_backend()
+    pool = backend.start(Squares(die_on=5, marker=str(tmp_path / "died")))
+    try:
+        batches = batches_of(12)
+        got = collect(pool, batches)
+    finally:
+        pool.close()
+    assert got == {i: [x * x for x in b] for i, b in enumerate(batches)}
+    assert (tmp_path / "died").exists()
+    assert sorted(s.died for s in pool.stats) == [False, True]
+    assert sum(s.items for s in pool.stats) == 12 and pool.retries >= 1
+
+
+def test_a_batch_that_kills_every_worker_fails_with_its_name(ray_cluster, tmp_path):
+    backend = ray_backend(max_attempts=2)
+    pool = backend.start(Squares(die_on=3, always=True))
+    try:
+        with pytest.raises(WorkerError, match="batch starting at 2: its Ray worker died 2 times"):
+            collect(pool, batches_of(8))
+    finally:
+        pool.close()
+
+
+def test_a_worker_that_cannot_set_up_fails_the_start_with_its_message(ray_cluster):
+    with pytest.raises(WorkerError, match="while loading failed: RuntimeError: no weights in /nowhere"):
+        ray_backend().start(Squares(setup_error="no weights in /nowhere"))
+
+
+def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
+    spec = spec_for(str(tmp_path / "no-such-model"))
+    with pytest.raises(Exception) as local:
+        generate(spec, tmp_path / "local", progress=False)
+    with pytest.raises(type(local.value)) as remote:
+        generate(spec, tmp_path / "ray", progress=False, backend=ray_backend())
+    assert str(remote.value) == str(local.value)
+    assert not (tmp_path / "ray").exists()
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_sd_on_ray_matches_local_bit_for_bit(ray_cluster, tiny_sd, tiny_sd_path, tmp_path):
+    spec = spec_for(str(tiny_sd_path))
+    local = generate(spec, tmp_path / "local", batch_size=2, adapter=tiny_sd, progress=False)
+    remote = generate(spec, tmp_path / "ray", batch_size=2, progress=False, backend=ray_backend())
+    assert (remote.generated, local.generated) == (6, 6)
+    assert images_by_job(tmp_path / "ray") == images_by_job(tmp_path / "local")
+    assert [s.items for s in remote.workers] != [] and sum(s.items for s in remote.workers) == 6
+    with open_run(tmp_path / "ray") as store:
+        assert store.verify() == []
+
+
+def test_shapes_on_ray_matches_local_and_survives_a_killed_actor(ray_cluster, tmp_path):
+    import ray
+
+    from diffprobe.distributed.raypool import RayBackend
+
+    class KillFirstProducer(RayBackend):
+        """Kills the actor that returned the first result, right after it was handed its next batch."""
+
+        def start(self, worker):
+            pool = super().start(worker)
+            stream = pool.imap_unordered
+
+            def imap(batches, **kwargs):
+                for n, done in enumerate(stream(batches, **kwargs)):
+                    if n == 0:
+                        ray.kill(pool.actors[int(done.worker.removeprefix("ray-"))])
+                    yield done
+
+            pool.imap_unordered = imap
+            return pool
+
+    spec = spec_for("shapes", prompts=("two red circles", "one blue square"), seeds=range(4), size=None)
+    local = generate(spec, tmp_path / "local", batch_size=1, progress=False, backend=LocalBackend())
+    backend = KillFirstProducer(workers=2, start_timeout=START_TIMEOUT)
+    remote = generate(spec, tmp_path / "ray", batch_size=1, progress=False, backend=backend)
+    assert (local.generated, remote.generated) == (8, 8)
+    assert images_by_job(tmp_path / "ray") == images_by_job(tmp_path / "local")
+    assert sorted(s.died for s in remote.workers) == [False, True] and backend.pool.retries >= 1
+
+
+def test_a_partial_run_resumes_on_ray(ray_cluster, tiny_sd, tiny_sd_path, tmp_path):
+    run = tmp_path / "run"
+    generate(spec_for(str(tiny_sd_path), seeds=(0,)), run, adapter=tiny_sd, progress=False)
+    more = generate(spec_for(str(tiny_sd_path), seeds=(0, 1)), run, extend=True, progress=False,
+                    backend=ray_backend())
+    assert (more.generated, more.skipped) == (2, 2)
+    generate(spec_for(str(tiny_sd_path), seeds=(0, 1)), tmp_path / "whole", adapter=tiny_sd, progress=False)
+    assert images_by_job(run) == images_by_job(tmp_path / "whole")
+
+
+# --- choosing a backend -------------------------------------------------------------------------------------
+
+
+def test_without_ray_the_ray_backend_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(InputError, match=r"pip install 'diffprobe\[ray\]'"):
+        make_backend("ray")
+
+
+def test_ray_flags_need_the_ray_backend():
+    with pytest.raises(InputError, match="--workers only apply to --backend ray"):
+        make_backend("local", workers=2)
+    with pytest.raises(InputError, match="unknown --backend 'dask'"):
+        make_backend("dask")
+    assert isinstance(make_backend(), LocalBackend)
