@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray_toys import Squares
 
 from diffprobe.distributed import LocalBackend, make_backend
 from diffprobe.errors import InputError, WorkerError
@@ -32,7 +33,7 @@ def images_by_job(run) -> dict[tuple[str, int], tuple[str, str]]:
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    # Workers import diffprobe and this test module (its toy workers) the way the driver does.
+    # Workers import diffprobe and the toy workers (tests/ray_toys.py) the way the driver does.
     paths = [str(TESTS), *(p for p in sys.path if p)]
     env = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
@@ -45,30 +46,6 @@ def ray_backend(**kwargs):
     from diffprobe.distributed.raypool import RayBackend
 
     return RayBackend(start_timeout=START_TIMEOUT, **{"workers": 2, **kwargs})
-
-
-# --- toy workers: square numbers, die on request ---------------------------------------------------------------
-
-
-class Squares:
-    """Squares each number of a batch; a number in ``die_on`` ends the worker's process (once per marker file,
-    or every time when ``always``)."""
-
-    def __init__(self, die_on: int | None = None, marker: str | None = None, always: bool = False,
-                 setup_error: str | None = None):
-        self.die_on, self.marker, self.always, self.setup_error = die_on, marker, always, setup_error
-
-    def setup(self):
-        if self.setup_error:
-            raise RuntimeError(self.setup_error)
-        return {"pid": os.getpid()}
-
-    def run(self, batch):
-        if self.die_on in batch and (self.always or not Path(self.marker).exists()):
-            if self.marker:
-                Path(self.marker).touch()
-            os._exit(1)
-        return [x * x for x in batch]
 
 
 def batches_of(n: int, size: int = 2) -> list[list[int]]:
@@ -124,13 +101,16 @@ def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
 # --- generation ---------------------------------------------------------------------------------------------
 
 
-def test_tiny_sd_on_ray_matches_local_bit_for_bit(ray_cluster, tiny_sd, tiny_sd_path, tmp_path):
+def test_tiny_sd_on_ray_matches_local_bit_for_bit_and_resumes_a_local_run(ray_cluster, tiny_sd, tiny_sd_path,
+                                                                          tmp_path):
     spec = spec_for(str(tiny_sd_path))
     local = generate(spec, tmp_path / "local", batch_size=2, adapter=tiny_sd, progress=False)
-    remote = generate(spec, tmp_path / "ray", batch_size=2, progress=False, backend=ray_backend())
-    assert (remote.generated, local.generated) == (6, 6)
+    # A run a local call left partial (as a killed driver does) is finished on Ray.
+    generate(spec_for(str(tiny_sd_path), seeds=(0,)), tmp_path / "ray", adapter=tiny_sd, progress=False)
+    remote = generate(spec, tmp_path / "ray", batch_size=2, extend=True, progress=False, backend=ray_backend())
+    assert (local.generated, remote.generated, remote.skipped) == (6, 4, 2)
     assert images_by_job(tmp_path / "ray") == images_by_job(tmp_path / "local")
-    assert [s.items for s in remote.workers] != [] and sum(s.items for s in remote.workers) == 6
+    assert sum(s.items for s in remote.workers) == 4 and len(remote.workers) == 2
     with open_run(tmp_path / "ray") as store:
         assert store.verify() == []
 
@@ -163,16 +143,6 @@ def test_shapes_on_ray_matches_local_and_survives_a_killed_actor(ray_cluster, tm
     assert (local.generated, remote.generated) == (8, 8)
     assert images_by_job(tmp_path / "ray") == images_by_job(tmp_path / "local")
     assert sorted(s.died for s in remote.workers) == [False, True] and backend.pool.retries >= 1
-
-
-def test_a_partial_run_resumes_on_ray(ray_cluster, tiny_sd, tiny_sd_path, tmp_path):
-    run = tmp_path / "run"
-    generate(spec_for(str(tiny_sd_path), seeds=(0,)), run, adapter=tiny_sd, progress=False)
-    more = generate(spec_for(str(tiny_sd_path), seeds=(0, 1)), run, extend=True, progress=False,
-                    backend=ray_backend())
-    assert (more.generated, more.skipped) == (2, 2)
-    generate(spec_for(str(tiny_sd_path), seeds=(0, 1)), tmp_path / "whole", adapter=tiny_sd, progress=False)
-    assert images_by_job(run) == images_by_job(tmp_path / "whole")
 
 
 # --- choosing a backend -------------------------------------------------------------------------------------
