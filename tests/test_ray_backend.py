@@ -160,3 +160,33 @@ def test_ray_flags_need_the_ray_backend():
     with pytest.raises(InputError, match="unknown --backend 'dask'"):
         make_backend("dask")
     assert isinstance(make_backend(), LocalBackend)
+
+
+def test_cli_generate_on_ray_prints_each_workers_share(ray_cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["generate", "--model", "shapes", "--prompt", "two red circles", "--seeds", "0-3",
+                                   "--steps", "2", "--batch-size", "1", "--backend", "ray", "--workers", "2",
+                                   "--out", str(run), "-q"])
+    assert res.exit_code == 0, res.output
+    shares = [int(line.split(": ")[1].split()[0]) for line in res.output.splitlines() if line.startswith("ray-")]
+    assert len(shares) == 2 and sum(shares) == 4
+    with open_run(run) as store:
+        assert len(store) == 4
+
+
+def test_cli_backend_mistakes_exit_2_with_the_fix(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    base = ["generate", "--model", "shapes", "--prompt", "a", "--steps", "2", "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, [*base, "--workers", "2"])
+    assert res.exit_code == 2 and "--workers only apply to --backend ray" in res.output
+    monkeypatch.setitem(sys.modules, "ray", None)
+    res = CliRunner().invoke(app, [*base, "--backend", "ray"])
+    assert res.exit_code == 2 and "pip install 'diffprobe[ray]'" in res.output
+    assert not (tmp_path / "r").exists()
