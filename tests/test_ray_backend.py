@@ -190,3 +190,29 @@ def test_cli_backend_mistakes_exit_2_with_the_fix(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, [*base, "--backend", "ray"])
     assert res.exit_code == 2 and "pip install 'diffprobe[ray]'" in res.output
     assert not (tmp_path / "r").exists()
+
+
+# --- embedding ----------------------------------------------------------------------------------------------
+
+
+def test_embedding_on_ray_matches_local_and_the_driver_writes_the_cache(ray_cluster, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffprobe.embed import FeatureCache, embed_files, get_embedder
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(paths[-1])
+    embedder = get_embedder("efficientnet-lite0", device="cpu", batch_size=2)
+    local = embed_files(embedder, paths, chunk=2)
+    cache = FeatureCache(tmp_path / "features.sqlite")
+    remote = embed_files(embedder, paths, cache=cache, chunk=2, backend=ray_backend())
+    assert np.array_equal(remote, local) and cache.computed == 5
+    from diffprobe.embed.base import file_sha256
+
+    cached = cache.get([file_sha256(p) for p in paths], embedder.id)
+    assert np.array_equal(np.stack([cached[file_sha256(p)] for p in paths]), local)
+    cache.close()

@@ -15,6 +15,7 @@ from ..console import message
 from ..embed import FeatureCache
 from ..errors import check_writable
 from ..metrics.provenance import write_json
+from . import backend_options as bo
 
 score_app = typer.Typer(
     help="Score images: consistency (scs), diversity (irs), text alignment (clip), compositional accuracy "
@@ -123,14 +124,19 @@ def scs_cmd(
     guidance: Guidance = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """Semantic Consistency Score per prompt, mean +- SD, and a sensitivity curve over repetitions."""
     from ..metrics.scs import score_scs
 
     target = _target(out, _default_out(path, "scs"))
+    runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
     with _Bar() as progress:
         result = score_scs(path, embedder, weights=weights, sensitivity=sensitivity, n_boot=n_boot, seed=seed,
-                           clamp=not no_clamp, progress=progress,
+                           clamp=not no_clamp, progress=progress, backend=runner,
                            **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
     s = result["summary"]
     console.print(
