@@ -216,3 +216,28 @@ def test_embedding_on_ray_matches_local_and_the_driver_writes_the_cache(ray_clus
     cached = cache.get([file_sha256(p) for p in paths], embedder.id)
     assert np.array_equal(np.stack([cached[file_sha256(p)] for p in paths]), local)
     cache.close()
+
+
+# --- judging ------------------------------------------------------------------------------------------------
+
+
+def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tmp_path):
+    import shutil
+
+    from diffprobe.commands.judge import judge_run
+
+    from diffprobe.prompts import Prompt
+
+    questions = [Prompt("two red circles", {"kind": "count", "objects": ["red circle"], "count": 2}),
+                 Prompt("a blue square to the left of a yellow triangle",
+                        {"kind": "relation", "objects": ["blue square", "yellow triangle"], "relation": "left_of"})]
+    spec = spec_for("shapes", prompts=[p.text for p in questions], seeds=(0, 1), size=None)
+    generate(spec, tmp_path / "a", prompts=questions, progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    local = judge_run(tmp_path / "a", "shapes", progress=False, batch_size=1)
+    remote = judge_run(tmp_path / "b", "shapes", progress=False, batch_size=1, backend=ray_backend())
+    assert remote.judged == local.judged == 4
+    fields = ("key", "correct", "answer", "reason", "question")
+    assert [[r[f] for f in fields] for r in remote.rows] == [[r[f] for f in fields] for r in local.rows]
+    again = judge_run(tmp_path / "b", "shapes", progress=False, backend=ray_backend())
+    assert (again.judged, again.already) == (0, 4)
