@@ -225,7 +225,6 @@ def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tm
     import shutil
 
     from diffprobe.commands.judge import judge_run
-
     from diffprobe.prompts import Prompt
 
     questions = [Prompt("two red circles", {"kind": "count", "objects": ["red circle"], "count": 2}),
@@ -241,3 +240,23 @@ def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tm
     assert [[r[f] for f in fields] for r in remote.rows] == [[r[f] for f in fields] for r in local.rows]
     again = judge_run(tmp_path / "b", "shapes", progress=False, backend=ray_backend())
     assert (again.judged, again.already) == (0, 4)
+
+
+def test_cli_score_scs_on_ray_gives_the_local_scores(ray_cluster, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    spec = spec_for("shapes", prompts=("two red circles", "one blue square"), seeds=(0, 1, 2), size=None)
+    generate(spec, tmp_path / "run", progress=False)
+    scores = {}
+    for name, flags in (("local", []), ("ray", ["--backend", "ray", "--workers", "2"])):
+        out = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(app, ["score", "scs", str(tmp_path / "run"), "--embedder", "efficientnet-lite0",
+                                       "--device", "cpu", "--batch-size", "2", "--no-cache", "--no-sensitivity",
+                                       "--out", str(out), *flags])
+        assert res.exit_code == 0, res.output
+        scores[name] = json.loads(out.read_text())["per_prompt"]
+    assert scores["ray"] == scores["local"] and len(scores["local"]) == 2

@@ -288,9 +288,11 @@ def load_features(
     cache: FeatureCache | None | bool = True,
     progress: Callable[[int], None] | None = None,
     guidance: str | None = None,
+    backend: Any = None,
 ) -> tuple[np.ndarray, dict]:
     """Features of every image under ``source`` (flat, recursive; of a run: only the ``guidance`` variant), or a
-    precomputed ``.npy`` array [count, dim] (memory-mapped, so very large reference sets need not fit in RAM)."""
+    precomputed ``.npy`` array [count, dim] (memory-mapped, so very large reference sets need not fit in RAM).
+    ``backend`` (``diffprobe.distributed``) decides where features missing from the cache are computed."""
     path = Path(source).expanduser()
     if path.suffix == ".npy":
         if not path.is_file():
@@ -310,4 +312,4 @@ def load_features(
     if embedder is None:
         raise InputError(f"{path} is an image folder; an embedder is needed")
     images = load_image_set(path, strict=strict, flat=True, guidance=guidance)
-    return images.features(embedder, cache=cache, progress=progress), images.summary()
+    return images.features(embedder, cache=cache, progress=progress, backend=backend), images.summary()
