@@ -1,5 +1,9 @@
 """The Ray backend on a local two-CPU Ray cluster: the same images and job keys as the local backend, no finished
-image lost when an actor dies, bounded retries, and a worker that cannot load its model fails the run at once."""
+image lost when an actor dies, bounded retries, and a worker that cannot load its model fails the run at once.
+
+Every test starts its own actor pool (fresh worker processes), which costs 15-30 s on a busy 2-core machine; the
+end-to-end CLI runs and the killed-actor run of the shapes model are marked slow (the pool's retry logic has its own
+fast test with a toy worker)."""
 
 from __future__ import annotations
 
@@ -115,6 +119,7 @@ def test_tiny_sd_on_ray_matches_local_bit_for_bit_and_resumes_a_local_run(ray_cl
         assert store.verify() == []
 
 
+@pytest.mark.slow  # a Ray pool start and the shapes model: ~35-70 s on a busy 2-core machine
 def test_shapes_on_ray_matches_local_and_survives_a_killed_actor(ray_cluster, tmp_path):
     import ray
 
@@ -162,6 +167,7 @@ def test_ray_flags_need_the_ray_backend():
     assert isinstance(make_backend(), LocalBackend)
 
 
+@pytest.mark.slow  # a Ray pool start and the shapes model: ~35-70 s on a busy 2-core machine
 def test_cli_generate_on_ray_prints_each_workers_share(ray_cluster, tmp_path):
     from typer.testing import CliRunner
 
@@ -242,6 +248,7 @@ def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tm
     assert (again.judged, again.already) == (0, 4)
 
 
+@pytest.mark.slow  # a Ray pool start and the shapes model: ~35-70 s on a busy 2-core machine
 def test_cli_score_scs_on_ray_gives_the_local_scores(ray_cluster, tmp_path):
     import json
 
