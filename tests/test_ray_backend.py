@@ -89,7 +89,7 @@ def test_a_batch_that_kills_every_worker_fails_with_its_name(ray_cluster, tmp_pa
 
 def test_a_worker_that_cannot_set_up_fails_the_start_with_its_message(ray_cluster):
     with pytest.raises(WorkerError, match="while loading failed: RuntimeError: no weights in /nowhere"):
-        ray_backend().start(Squares(setup_error="no weights in /nowhere"))
+        ray_backend(workers=1).start(Squares(setup_error="no weights in /nowhere"))
 
 
 def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
@@ -97,7 +97,7 @@ def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
     with pytest.raises(Exception) as local:
         generate(spec, tmp_path / "local", progress=False)
     with pytest.raises(type(local.value)) as remote:
-        generate(spec, tmp_path / "ray", progress=False, backend=ray_backend())
+        generate(spec, tmp_path / "ray", progress=False, backend=ray_backend(workers=1))
     assert str(remote.value) == str(local.value)
     assert not (tmp_path / "ray").exists()
 
@@ -215,7 +215,7 @@ def test_embedding_on_ray_matches_local_and_the_driver_writes_the_cache(ray_clus
     embedder = get_embedder("efficientnet-lite0", device="cpu", batch_size=2)
     local = embed_files(embedder, paths, chunk=2)
     cache = FeatureCache(tmp_path / "features.sqlite")
-    remote = embed_files(embedder, paths, cache=cache, chunk=2, backend=ray_backend())
+    remote = embed_files(embedder, paths, cache=cache, chunk=2, backend=ray_backend(workers=1))
     assert np.array_equal(remote, local) and cache.computed == 5
     from diffprobe.embed.base import file_sha256
 
@@ -240,11 +240,11 @@ def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tm
     generate(spec, tmp_path / "a", prompts=questions, progress=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     local = judge_run(tmp_path / "a", "shapes", progress=False, batch_size=1)
-    remote = judge_run(tmp_path / "b", "shapes", progress=False, batch_size=1, backend=ray_backend())
+    remote = judge_run(tmp_path / "b", "shapes", progress=False, batch_size=1, backend=ray_backend(workers=1))
     assert remote.judged == local.judged == 4
     fields = ("key", "correct", "answer", "reason", "question")
     assert [[r[f] for f in fields] for r in remote.rows] == [[r[f] for f in fields] for r in local.rows]
-    again = judge_run(tmp_path / "b", "shapes", progress=False, backend=ray_backend())
+    again = judge_run(tmp_path / "b", "shapes", progress=False, backend=ray_backend(workers=1))
     assert (again.judged, again.already) == (0, 4)
 
 
