@@ -1,9 +1,9 @@
 """The Ray backend on a local two-CPU Ray cluster: the same images and job keys as the local backend, no finished
 image lost when an actor dies, bounded retries, and a worker that cannot load its model fails the run at once.
 
-Every test starts its own actor pool (fresh worker processes), which costs 15-30 s on a busy 2-core machine; the
-end-to-end CLI runs and the killed-actor run of the shapes model are marked slow (the pool's retry logic has its own
-fast test with a toy worker)."""
+Every test that needs Ray starts its own actor pool (fresh worker processes, 15-30 s each on a busy 2-core machine),
+so they are marked slow (``pytest -m slow tests/test_ray_backend.py`` with ``pip install 'diffprobe[ray]'``); the
+tests of choosing a backend run without Ray."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def collect(pool, batches):
     return got
 
 
+@pytest.mark.slow
 def test_worker_process_killed_mid_batch_is_retried_elsewhere(ray_cluster, tmp_path):
     backend = ray_backend()
     pool = backend.start(Squares(die_on=5, marker=str(tmp_path / "died")))
@@ -77,6 +78,7 @@ def test_worker_process_killed_mid_batch_is_retried_elsewhere(ray_cluster, tmp_p
     assert sum(s.items for s in pool.stats) == 12 and pool.retries >= 1
 
 
+@pytest.mark.slow
 def test_a_batch_that_kills_every_worker_fails_with_its_name(ray_cluster, tmp_path):
     backend = ray_backend(max_attempts=2)
     pool = backend.start(Squares(die_on=3, always=True))
@@ -87,11 +89,13 @@ def test_a_batch_that_kills_every_worker_fails_with_its_name(ray_cluster, tmp_pa
         pool.close()
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_set_up_fails_the_start_with_its_message(ray_cluster):
     with pytest.raises(WorkerError, match="while loading failed: RuntimeError: no weights in /nowhere"):
         ray_backend(workers=1).start(Squares(setup_error="no weights in /nowhere"))
 
 
+@pytest.mark.slow
 def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
     spec = spec_for(str(tmp_path / "no-such-model"))
     with pytest.raises(Exception) as local:
@@ -105,6 +109,7 @@ def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
 # --- generation ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_sd_on_ray_matches_local_bit_for_bit_and_resumes_a_local_run(ray_cluster, tiny_sd, tiny_sd_path,
                                                                           tmp_path):
     spec = spec_for(str(tiny_sd_path))
@@ -119,7 +124,7 @@ def test_tiny_sd_on_ray_matches_local_bit_for_bit_and_resumes_a_local_run(ray_cl
         assert store.verify() == []
 
 
-@pytest.mark.slow  # a Ray pool start and the shapes model: ~35-70 s on a busy 2-core machine
+@pytest.mark.slow
 def test_shapes_on_ray_matches_local_and_survives_a_killed_actor(ray_cluster, tmp_path):
     import ray
 
@@ -167,7 +172,7 @@ def test_ray_flags_need_the_ray_backend():
     assert isinstance(make_backend(), LocalBackend)
 
 
-@pytest.mark.slow  # a Ray pool start and the shapes model: ~35-70 s on a busy 2-core machine
+@pytest.mark.slow
 def test_cli_generate_on_ray_prints_each_workers_share(ray_cluster, tmp_path):
     from typer.testing import CliRunner
 
@@ -201,6 +206,7 @@ def test_cli_backend_mistakes_exit_2_with_the_fix(monkeypatch, tmp_path):
 # --- embedding ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embedding_on_ray_matches_local_and_the_driver_writes_the_cache(ray_cluster, tmp_path):
     import numpy as np
     from PIL import Image
@@ -227,6 +233,7 @@ def test_embedding_on_ray_matches_local_and_the_driver_writes_the_cache(ray_clus
 # --- judging ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tmp_path):
     import shutil
 
@@ -248,7 +255,7 @@ def test_judging_on_ray_stores_the_verdicts_a_local_judge_stores(ray_cluster, tm
     assert (again.judged, again.already) == (0, 4)
 
 
-@pytest.mark.slow  # a Ray pool start and the shapes model: ~35-70 s on a busy 2-core machine
+@pytest.mark.slow
 def test_cli_score_scs_on_ray_gives_the_local_scores(ray_cluster, tmp_path):
     import json
 
