@@ -32,6 +32,11 @@ class StorageError(DiffprobeError):
     """The disk is full or read-only, or a file cannot be written."""
 
 
+class WorkerError(DiffprobeError):
+    """A worker of a distributed backend failed (could not load its model, or died too often); finished work is
+    kept."""
+
+
 def print_user_error(err: DiffprobeError) -> None:
     """One line on stderr: ``error: <message>`` (the message is plain text, never read as rich markup)."""
     from rich.console import Console

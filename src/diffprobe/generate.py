@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .console import message
+from .distributed import Backend, LocalBackend, Pool, WorkerStats
 from .errors import InputError, StorageError
 from .guidance import Guider, make_guider
 from .models.base import ModelAdapter
@@ -36,6 +37,9 @@ from .sampling.latents import InitialLatents, read_initial_latents
 from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 from .versions import library_versions
+
+if TYPE_CHECKING:
+    import torch
 
 # Recorded with every image, for the record only: job keys never include versions, so upgrades do not regenerate.
 IMAGE_PACKAGES = ("diffprobe", "torch", "diffusers", "transformers")
@@ -93,13 +97,113 @@ class GenerateResult:
     seconds: float  # sampling time of this call
     truncated_prompts: list[str] = field(default_factory=list)
     repair: RepairReport = field(default_factory=RepairReport)
+    workers: list[WorkerStats] = field(default_factory=list)  # per worker of the backend: batches, images, time
 
     @property
     def images_per_second(self) -> float:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolved_config(adapter: ModelAdapter, spec: RunSpec, guider: Guider,
+def load_run_model(spec: RunSpec) -> ModelAdapter:
+    """The model ``spec`` names, loaded (by the driver of a local run, and by every worker of a distributed one)."""
+    from .models import load_model
+
+    return load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
+                      dtype=spec.model.dtype, scheduler=spec.sampler.scheduler, lora=spec.model.lora)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver needs to know of a loaded model (job keys, provenance, warnings); small enough to come back
+    from a worker that holds the model. Reads like the adapter where ``resolved_config`` looks."""
+
+    model_identity: dict[str, Any]
+    default_size: tuple[int, int]
+    default_steps: int
+    dtype: Any
+    model_guidance_defaults: dict[str, Any]
+    family: str
+    scheduler_class: str
+    device: str
+    token_limit: int
+    latent_channels: int
+    vae_scale_factor: int
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> ModelFacts:
+        return cls(adapter.identity(), tuple(adapter.default_size), adapter.default_steps, adapter.dtype,
+                   dict(adapter.guidance_defaults()), adapter.family, type(adapter.scheduler).__name__,
+                   str(adapter.device), adapter.token_limit, adapter.latent_channels, adapter.vae_scale_factor)
+
+    def identity(self) -> dict[str, Any]:
+        return self.model_identity
+
+    def guidance_defaults(self) -> dict[str, Any]:
+        return self.model_guidance_defaults
+
+
+@dataclass
+class BatchOutput:
+    images: list[Any]  # PIL images, one per job
+    records: list[dict[str, Any]]
+    truncated: list[bool]
+
+
+def sample_batch(adapter: ModelAdapter, guider: Guider, jobs: Sequence[Job], sampler: dict[str, Any],
+                 max_model_batch: int | None, latents: torch.Tensor | None = None) -> BatchOutput:
+    """One batch of jobs sampled: the step every backend runs, in process or on a worker. ``latents``: the jobs'
+    starting noise (stored initial latents), else drawn from their seeds."""
+    from .sampling import sample
+
+    out = sample(adapter, guider, [j.prompt for j in jobs], [j.seed for j in jobs], steps=sampler["steps"],
+                 height=sampler["height"], width=sampler["width"], generator_device=sampler["generator_device"],
+                 max_model_batch=max_model_batch, latents=latents)
+    return BatchOutput(list(out.images), list(out.records) or [{} for _ in jobs],
+                       list(out.truncated) or [False] * len(jobs))
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    guider: Guider
+    jobs: list[Job]
+    sampler: dict[str, Any]
+    max_model_batch: int | None
+    latents: torch.Tensor | None = None  # the jobs' stored initial latents, where the run starts from them
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+def describe_jobs(task: BatchTask) -> str:
+    first = task.jobs[0]
+    more = f" and {len(task.jobs) - 1} more" if len(task.jobs) > 1 else ""
+    return f"job {first.key} (prompt {first.prompt[:60]!r}, seed {first.seed}){more}"
+
+
+class GenerationWorker:
+    """Loads the run's model once where it runs (``adapter`` reuses one already loaded in this process) and
+    samples batches; it refuses a size the model cannot make before any run directory exists."""
+
+    def __init__(self, spec: RunSpec, adapter: ModelAdapter | None = None):
+        self.spec = spec
+        self.adapter = adapter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "adapter": None}  # a worker loads its own model; a loaded one never travels
+
+    def setup(self) -> ModelFacts:
+        if self.adapter is None:
+            self.adapter = load_run_model(self.spec)
+        default_h, default_w = self.adapter.default_size
+        self.adapter.check_size(self.spec.sampler.height or default_h, self.spec.sampler.width or default_w)
+        return ModelFacts.of(self.adapter)
+
+    def run(self, task: BatchTask) -> BatchOutput:
+        assert self.adapter is not None, "setup() runs first"
+        return sample_batch(self.adapter, task.guider, task.jobs, task.sampler, task.max_model_batch, task.latents)
+
+
+def resolved_config(adapter: ModelAdapter | ModelFacts, spec: RunSpec, guider: Guider,
                     latents: InitialLatents | None = None) -> dict[str, Any]:
     """What every job key of this run is made of, besides prompt and seed (batch size deliberately absent).
     ``latents``: the starting noise read from ``spec.sampler.initial_latents`` (its content hash is recorded)."""
@@ -219,6 +323,7 @@ def generate(
     adapter: ModelAdapter | None = None,
     console: Console | None = None,
     progress: bool = True,
+    backend: Backend | None = None,
 ) -> GenerateResult:
     """Generate every (prompt, seed) job of ``spec`` that ``out`` does not hold yet.
 
@@ -226,7 +331,8 @@ def generate(
     loaded model (it must be the model ``spec`` names). ``max_model_batch`` caps the rows of one denoiser call
     (images x guidance branches); by default a call holds them all and is split only on running out of GPU memory.
     ``repair`` drops the rows of an existing run whose image file is missing, so they are generated again (without
-    it they are reported and kept).
+    it they are reported and kept). ``backend`` decides where batches are sampled (default: in this process); the
+    store is written here either way.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -236,7 +342,7 @@ def generate(
     if spec.sampler.generator_device == "cuda" and not _cuda_available():
         raise InputError("--generator-device cuda needs a CUDA device; use --generator-device cpu (the default)")
     # Check everything that can fail before a new run directory is made, so a typo leaves nothing behind.
-    store, report = None, RepairReport()
+    store, report, pool = None, RepairReport(), None
     if is_run_dir(out) and not new:
         store, report = open_existing(out, spec, extend=extend, console=console, repair=repair)
     else:
@@ -249,23 +355,23 @@ def generate(
         guider = make_run_guider(spec, metas)
         if store is not None and (done := _complete(store, spec, guider, report)) is not None:
             return done  # a complete run needs no model at all
-        if adapter is None:
-            from .models import load_model
-
-            adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
-                                 dtype=spec.model.dtype, scheduler=spec.sampler.scheduler, lora=spec.model.lora)
-        defaults = adapter.guidance_defaults()
+        if adapter is not None and backend is not None and not isinstance(backend, LocalBackend):
+            raise ValueError("adapter= is a model loaded in this process; it cannot run on another backend")
+        # The worker checks the image size, so a size the model cannot make fails before any work.
+        pool = (backend or LocalBackend()).start(GenerationWorker(spec, adapter))
+        facts: ModelFacts = pool.info
+        defaults = facts.guidance_defaults()
         if any(name not in spec.guidance.params for name in defaults):  # the model's recommended parameters
             guider = make_run_guider(spec, metas, defaults)
         latents = None
         if spec.sampler.initial_latents is not None:
             latents = read_initial_latents(spec.sampler.initial_latents)
-        config = resolved_config(adapter, spec, guider, latents)
-        # fail before any work, not at the first batch
-        adapter.check_size(config["sampler"]["height"], config["sampler"]["width"])
+        config = resolved_config(facts, spec, guider, latents)
         check_seed_source(spec, config)
         if latents is not None:
-            latents.check(adapter, config["sampler"]["height"], config["sampler"]["width"], spec.seeds)
+            f = facts.vae_scale_factor
+            latents.check((facts.latent_channels, config["sampler"]["height"] // f, config["sampler"]["width"] // f),
+                          config["sampler"]["height"], config["sampler"]["width"], spec.seeds)
         if store is None:
             store = create_run(out, spec, new=new)
             if store.moved_aside is not None:
@@ -277,10 +383,13 @@ def generate(
         todo = [j for j in jobs if j.key not in done_keys]
         result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=report)
         if todo:
-            _run_jobs(store, adapter, guider, spec, config, todo, batch_size, max_model_batch, result, console,
+            _run_jobs(store, pool, facts, guider, spec, config, todo, batch_size, max_model_batch, result, console,
                       progress, latents)
+        result.workers = list(pool.stats)
         return result
     finally:
+        if pool is not None:
+            pool.close()
         if store is not None:
             store.close()
 
@@ -298,16 +407,14 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider, report: RepairRepo
     return GenerateResult(store.root, len(jobs), 0, len(jobs), 0.0, repair=report)
 
 
-def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunSpec, config: dict[str, Any],
-              todo: list[Job], batch_size: int, max_model_batch: int | None, result: GenerateResult,
-              console: Console, progress: bool, latents: InitialLatents | None = None) -> None:
-    from .sampling import sample
-
+def _run_jobs(store: RunStore, pool: Pool, facts: ModelFacts, guider: Guider, spec: RunSpec,
+              config: dict[str, Any], todo: list[Job], batch_size: int, max_model_batch: int | None,
+              result: GenerateResult, console: Console, progress: bool, latents: InitialLatents | None = None) -> None:
     provenance = {
         **config,
-        "family": adapter.family,
-        "scheduler_class": type(adapter.scheduler).__name__,
-        "device": str(adapter.device),
+        "family": facts.family,
+        "scheduler_class": facts.scheduler_class,
+        "device": facts.device,
         "batch_size": batch_size,
         "max_model_batch": max_model_batch,
         "prompt_source": spec.prompt_source,
@@ -345,17 +452,16 @@ def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunS
             result.generated += len(items)
             bar.advance(task, len(items))
 
-        for batch in batches(todo, guider, batch_size):
-            out = sample(adapter, guider, [j.prompt for j in batch], [j.seed for j in batch], steps=sampler["steps"],
-                         height=sampler["height"], width=sampler["width"],
-                         generator_device=sampler["generator_device"], max_model_batch=max_model_batch,
-                         latents=None if latents is None else latents.stack([j.seed for j in batch]))
-            truncated = list(out.truncated) or [False] * len(batch)
-            records = list(out.records) or [{} for _ in batch]
+        tasks = [BatchTask(guider, batch, sampler, max_model_batch,
+                           None if latents is None else latents.stack([j.seed for j in batch]))
+                 for batch in batches(todo, guider, batch_size)]
+        for done in pool.imap_unordered(tasks, describe=describe_jobs):
+            batch, out = tasks[done.index].jobs, done.result
+            truncated, records = out.truncated, out.records
             for job, was_truncated in zip(batch, truncated, strict=True):
                 if was_truncated and job.prompt not in warned:
                     warned.add(job.prompt)
-                    bar.console.print(message(f"prompt longer than the text encoder's limit ({adapter.token_limit} "
+                    bar.console.print(message(f"prompt longer than the text encoder's limit ({facts.token_limit} "
                                               f"tokens) was truncated (recorded as truncated): {job.prompt[:80]!r}",
                                               "warning:"))
             items = [NewSample(key=j.key, prompt=j.prompt, seed=j.seed, image=img, guidance=config["guidance"],

@@ -16,6 +16,7 @@ from ..console import message
 from ..errors import InputError, check_writable
 from ..prompts import Prompt
 from ..spec import RELIABLE_PREFIX, RunSpec, build_spec, canonical_json, load_spec_file, parse_lora
+from . import backend_options as bo
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -137,6 +138,10 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         spec_file: Path | None = typer.Option(None, "--spec", help="Read model, prompts, seeds, sampler and "
                                               "guidance from a YAML file instead of the flags."),
+        backend: str = bo.BACKEND,
+        address: str | None = bo.ADDRESS,
+        workers: int | None = bo.WORKERS,
+        gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
     ) -> None:
         """Generate images for every prompt x seed; re-running generates only what is missing."""
         from ..generate import generate
@@ -167,10 +172,11 @@ def register(app: typer.Typer) -> None:
         if new and extend:
             raise InputError("--new and --extend exclude each other")
         run_dir = check_writable(out or default_out(spec), directory=True)
+        runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
         try:
             result = generate(spec, run_dir, prompts=items, batch_size=batch_size, max_model_batch=max_model_batch,
                               new=new, extend=extend, repair=repair,
-                              console=console, progress=not quiet)
+                              console=console, progress=not quiet, backend=runner)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: finished images are kept in {run_dir}; run the same command to "
                                   "resume"))
@@ -178,6 +184,7 @@ def register(app: typer.Typer) -> None:
         rate = f" at {result.images_per_second:.2f} images/s" if result.generated else ""
         console.print(message(f"{result.generated} generated{rate}, {result.skipped} already there; "
                               f"{result.total} images in {result.run_dir}"))
+        bo.print_worker_summary(console, result.workers)
         if result.truncated_prompts:
             console.print(f"{len(result.truncated_prompts)} prompt(s) were truncated to the text encoder's limit "
                           "(column 'truncated')", highlight=False)

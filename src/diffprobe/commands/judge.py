@@ -18,7 +18,7 @@ import json
 import sys
 import typing
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +31,7 @@ from ..console import message
 from ..errors import InputError, check_writable, writing
 from ..judges.base import Judge
 from ..metrics.provenance import write_json
+from . import backend_options as bo
 from .export import SCORES_DIR
 
 SUMMARY_NAME = "composition"
@@ -108,11 +109,12 @@ def build_judges(names: list[str], options: dict[str, Any] | None = None) -> lis
 
 def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
               progress: bool = True, batch_size: int | None = None, write: bool = True,
-              summary_out: Path | None = None) -> JudgeResult:
+              summary_out: Path | None = None, backend: Any = None) -> JudgeResult:
     """Judge every image of the run with a question (resumable), then, with ``write``, write the per-image JSONL
     (``out``) and the summary JSON (``summary_out``; defaults under RUN/scores/). ``write=False`` only stores the
     verdicts and returns them (agreement between two judges reads them that way). ``batch_size`` defaults to
-    :func:`default_batch_size`."""
+    :func:`default_batch_size`. ``backend`` (``diffprobe.distributed``) decides where batches are judged; verdicts
+    are stored here either way."""
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
     from ..prompts import Prompt
@@ -161,9 +163,8 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
                        console=console, disable=not progress, transient=False)
         with bar:
             task = bar.add_task("judge", total=len(todo))
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                verdicts = judge.judge_many([s.image() for s, _, _ in batch], [q for _, q, _ in batch])
+            batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+            for batch, verdicts in judged_batches(judge, batches, backend):
                 store.add_verdicts(
                     VerdictRow(key=s.key, image_sha256=s.image_sha256, judge=identity, question=json.loads(qjson),
                                correct=v.correct, answer=v.answer, reason=v.reason, raw=v.raw)
@@ -349,6 +350,44 @@ def make_judges(names: list[str], flags: dict[str, Any]) -> list[Judge]:
     return build_judges(names, judge_flag_options(names, flags))
 
 
+class _EncodedBatches(Sequence):
+    """Batches of (job key, image file bytes, question), read when a pool sends one."""
+
+    def __init__(self, batches: list[list[tuple[Any, Any, str]]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return [(s.key, s.image_path.read_bytes(), q) for s, q, _ in self.batches[index]]
+
+
+def judged_batches(judge: Judge, batches: list[list[tuple[Any, Any, str]]], backend: Any = None):
+    """(batch, its verdicts) for batches of (sample, question, question json): judged here, or on ``backend``'s
+    workers (each makes the judge from ``judge.recipe``) in the order they finish."""
+    if backend is None or getattr(backend, "name", "local") == "local" or not batches:
+        for batch in batches:
+            yield batch, judge.judge_many([s.image() for s, _, _ in batch], [q for _, q, _ in batch])
+        return
+    from ..errors import WorkerError
+    from ..judges.workers import JudgingWorker
+
+    recipe = getattr(judge, "recipe", None)
+    if recipe is None:
+        raise InputError(f"judge {judge.name} was not made by make_judge, so workers cannot make it; name it instead")
+    pool = backend.start(JudgingWorker(recipe))
+    try:
+        if pool.info != judge.identity():
+            raise WorkerError(f"the workers made judge {pool.info}, not {judge.identity()}; give every node the same "
+                              "judge models")
+        encoded = _EncodedBatches(batches)
+        for done in pool.imap_unordered(encoded, describe=lambda b: f"judging job {b[0][0]} and {len(b) - 1} more"):
+            yield batches[done.index], done.result
+    finally:
+        pool.close()
+
+
 def register(app: typer.Typer) -> None:
     @app.command("judge")
     @with_judge_flags
@@ -366,6 +405,10 @@ def register(app: typer.Typer) -> None:
         batch_size: int | None = typer.Option(None, "--batch-size", "-b", help=BATCH_HELP),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         judge_flags: dict[str, Any] = None,  # type: ignore[assignment]  # filled by with_judge_flags
+        backend: str = bo.BACKEND,
+        address: str | None = bo.ADDRESS,
+        workers: int | None = bo.WORKERS,
+        gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
     ) -> None:
         """Judge every image of a run against its prompt's question; re-running judges only what is new."""
         from ..store import open_run
@@ -377,6 +420,10 @@ def register(app: typer.Typer) -> None:
             raise InputError("--against is for --agreement: add --agreement to compare the two judges")
         if agreement and against is None:
             raise InputError("--agreement needs --against NAME, the judge to compare --judge with")
+        runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
+        if agreement and runner.name != "local":
+            raise InputError("--agreement runs in this process; leave out --backend ray (judge each judge on Ray "
+                             "first, then compare: the agreement reads their stored verdicts)")
         if options:
             open_run(run).close()  # a wrong run directory fails before a detector loads
         made: list[Judge] = []
@@ -393,7 +440,8 @@ def register(app: typer.Typer) -> None:
                     typer.echo(line)
                 return
             made = build_judges([judge], options)
-            result = judge_run(run, made[0], out=out, console=console, progress=not quiet, batch_size=batch_size)
+            result = judge_run(run, made[0], out=out, console=console, progress=not quiet, batch_size=batch_size,
+                               backend=runner)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
             sys.exit(130)

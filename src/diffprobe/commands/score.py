@@ -16,6 +16,7 @@ from ..console import message
 from ..embed import FeatureCache
 from ..errors import check_writable
 from ..metrics.provenance import write_json
+from . import backend_options as bo
 from . import judge as jf
 
 score_app = typer.Typer(
@@ -127,14 +128,19 @@ def scs_cmd(
     guidance: Guidance = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """Semantic Consistency Score per prompt, mean +- SD, and a sensitivity curve over repetitions."""
     from ..metrics.scs import score_scs
 
     target = _target(out, _default_out(path, "scs"))
+    runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
     with _Bar() as progress:
         result = score_scs(path, embedder, weights=weights, sensitivity=sensitivity, n_boot=n_boot, seed=seed,
-                           clamp=not no_clamp, progress=progress,
+                           clamp=not no_clamp, progress=progress, backend=runner,
                            **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
     s = result["summary"]
     console.print(
@@ -173,14 +179,20 @@ def irs_cmd(
     guidance: Guidance = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    embed_backend: str = typer.Option("local", "--embed-backend", help="Where image features are computed: local "
+                                      "or ray (as --backend of generate; --backend here is the neighbour search)."),
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """Image Retrieval Score: IRS_alpha, IRS-inf with one-sided bounds, and IRS-inf,a against --test."""
     from ..metrics.irs import score_irs
 
     target = _target(out, Path("irs.json") if path.suffix == ".npy" else _default_out(path, "irs"))
+    runner = bo.backend_from_flags(embed_backend, address, workers, gpus_per_worker)
     with _Bar() as progress:
         result = score_irs(path, train, test, embedder=embedder, weights=weights, metric=metric, alpha_e=alpha_e,
-                           seed=seed, backend=backend, progress=progress,
+                           seed=seed, backend=backend, progress=progress, embed_backend=runner,
                            **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
     r = result["synthetic"]
     console.print(

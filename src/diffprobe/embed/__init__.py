@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError, ModelNotFoundError
 from .base import Embedder, Preprocess
-from .cache import FeatureCache, default_cache_dir, embed_files
+from .cache import EmbedderRecipe, FeatureCache, default_cache_dir, embed_files
 
 EMBEDDERS = (
     "auto",
@@ -33,7 +33,8 @@ EMBEDDERS = (
     "random-projection",
 )
 
-__all__ = ["EMBEDDERS", "Embedder", "FeatureCache", "Preprocess", "default_cache_dir", "embed_files", "get_embedder"]
+__all__ = ["EMBEDDERS", "Embedder", "EmbedderRecipe", "FeatureCache", "Preprocess", "default_cache_dir", "embed_files",
+           "get_embedder"]
 
 
 def _is_clip_name(name: str) -> bool:
@@ -51,14 +52,16 @@ def get_embedder(
     batch_size: int = 64,
     resize: str = "clean",
 ) -> Embedder:
-    """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back. ``resize`` is the
-    FID resize mode of ``inception-torchscript`` (clean, legacy-tensorflow, legacy-pytorch)."""
+    """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back, and ``recipe``: how
+    a worker of a distributed backend builds the same embedder. ``resize`` is the FID resize mode of
+    ``inception-torchscript`` (clean, legacy-tensorflow, legacy-pytorch)."""
     note = None
     if name == "auto":
         from .clip import CLIP_ALIASES, CLIPEmbedder, hub_offline
 
         try:  # only what is already in the local Hugging Face cache: auto never waits on the network
             embedder = CLIPEmbedder("clip-vit-b32", device=device, batch_size=batch_size, local_only=True)
+            embedder.recipe = EmbedderRecipe("clip-vit-b32", None, device, batch_size)
         except ModelNotFoundError:
             embedder = get_embedder("efficientnet-lite0", device=device, batch_size=batch_size)
             hub_id = CLIP_ALIASES["clip-vit-b32"]
@@ -115,4 +118,5 @@ def get_embedder(
             f"unknown embedder '{name}'; choose one of {', '.join(EMBEDDERS)}, a CLIP hub id or a local CLIP folder"
         )
     embedder.note = note
+    embedder.recipe = EmbedderRecipe(name, str(weights) if weights else None, device, batch_size, resize)
     return embedder

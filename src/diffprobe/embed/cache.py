@@ -7,15 +7,18 @@ For a run directory the cache lives in ``RUN/features.sqlite``; otherwise in ``$
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, WorkerError
 from ..store import connect_read_only
 from .base import Embedder, file_sha256
 
@@ -120,6 +123,72 @@ def load_image(path: Path) -> Image.Image:
         raise InputError(f"cannot read image {path}: {err}. Remove it or pass --skip-bad to skip it") from err
 
 
+@dataclass(frozen=True)
+class EmbedderRecipe:
+    """What ``get_embedder`` was called with: enough for another process to build the same embedder."""
+
+    name: str
+    weights: str | None
+    device: Any
+    batch_size: int
+    resize: str = "clean"  # inception-torchscript's FID resize mode
+
+    def build(self) -> Embedder:
+        from . import get_embedder
+
+        return get_embedder(self.name, weights=self.weights, device=self.device, batch_size=self.batch_size,
+                            resize=self.resize)
+
+
+class EmbeddingWorker:
+    """Builds the embedder once where it runs, and embeds batches of encoded image files (name, bytes), so the
+    workers need no access to the driver's disk."""
+
+    def __init__(self, recipe: EmbedderRecipe):
+        self.recipe = recipe
+        self.embedder: Embedder | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "embedder": None}
+
+    def setup(self) -> tuple[str, int]:
+        self.embedder = self.recipe.build()
+        return self.embedder.id, self.embedder.dim
+
+    def run(self, files: list[tuple[str, bytes]]) -> np.ndarray:
+        assert self.embedder is not None, "setup() runs first"
+        return self.embedder.embed([decode_image(data, name) for name, data in files])
+
+
+class FileChunks(Sequence):
+    """Chunks of (name, bytes) of image files, read when a chunk is asked for (a pool reads one when it sends it)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return [(str(p), _read_bytes(p)) for p in self.paths[index]]
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read image {path}: {err}. Remove it or pass --skip-bad to skip it") from err
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"cannot read image {name}: {err}. Remove it or pass --skip-bad to skip it") from err
+
+
 def embed_files(
     embedder: Embedder,
     paths: Sequence[Path],
@@ -127,11 +196,14 @@ def embed_files(
     shas: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
     chunk: int = 256,
+    backend: Any = None,
 ) -> np.ndarray:
     """Features for image files, float32 [len(paths), D]; cached ones are read, the rest embedded in batches.
 
     ``shas`` may be given when the caller knows them (a run store records each image's sha256). Identical
-    files are embedded once. Memory beyond the output array is one chunk of images or cache rows.
+    files are embedded once. Memory beyond the output array is one chunk of images or cache rows (per worker in
+    flight, with a distributed ``backend``: there each worker builds the embedder from ``embedder.recipe``, and
+    this process still writes the cache).
     """
     paths = [Path(p) for p in paths]
     shas = list(shas) if shas is not None else [file_sha256(p) for p in paths]
@@ -156,9 +228,8 @@ def embed_files(
                     )
                 else:
                     out[rows[sha]] = found[sha]
-    for start in range(0, len(todo), chunk):  # decode a chunk, embed it, store it
-        part = todo[start : start + chunk]
-        vectors = embedder.embed([load_image(paths[rows[sha][0]]) for sha in part])
+    parts = [todo[start : start + chunk] for start in range(0, len(todo), chunk)]
+    for part, vectors in _embedded(embedder, parts, [[paths[rows[sha][0]] for sha in p] for p in parts], backend):
         for sha, vec in zip(part, vectors, strict=True):
             out[rows[sha]] = vec
         if cache is not None:
@@ -167,3 +238,24 @@ def embed_files(
         if progress is not None:
             progress(len(part))
     return out
+
+
+def _embedded(embedder: Embedder, parts: list[list[str]], files: list[list[Path]], backend: Any):
+    """(chunk of shas, their vectors), chunk by chunk: in this process, or on ``backend``'s workers as they finish."""
+    if backend is None or getattr(backend, "name", "local") == "local" or not parts:
+        for part, chunk_files in zip(parts, files, strict=True):  # decode a chunk, embed it
+            yield part, embedder.embed([load_image(p) for p in chunk_files])
+        return
+    recipe = getattr(embedder, "recipe", None)
+    if recipe is None:
+        raise InputError(f"embedder {embedder.name} was not made by get_embedder, so workers cannot build it; "
+                         "pass its name instead")
+    pool = backend.start(EmbeddingWorker(recipe))
+    try:
+        if pool.info != (embedder.id, embedder.dim):
+            raise WorkerError(f"the workers built embedder {pool.info[0]} (dim {pool.info[1]}), not {embedder.id}; "
+                              "give every node the same embedder weights (or name the embedder exactly)")
+        for done in pool.imap_unordered(FileChunks(files), describe=lambda c: f"embedding {c[0][0]}"):
+            yield parts[done.index], done.result
+    finally:
+        pool.close()

@@ -61,9 +61,14 @@ register_judge("vlm", LazyFactory("diffprobe.judges.vlm", "VLMJudge"))
 
 
 def make_judge(name: str, **options: object) -> Judge:
+    """The judge registered as ``name``; its ``recipe`` lets a worker of a distributed backend make the same one."""
+    from .workers import JudgeRecipe
+
     if name not in _REGISTRY:
         raise InputError(f"unknown judge {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options)
+    judge = _REGISTRY[name](**options)
+    judge.recipe = JudgeRecipe(name, dict(options))
+    return judge
 
 
 def available_judges() -> list[str]:

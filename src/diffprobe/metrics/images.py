@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -86,8 +87,10 @@ class ImageSet:
         embedder: Embedder,
         cache: FeatureCache | None | bool = True,
         progress: Callable[[int], None] | None = None,
+        backend: Any = None,
     ) -> np.ndarray:
-        """Features of all items (cached in the run directory, or in the user cache for folders)."""
+        """Features of all items (cached in the run directory, or in the user cache for folders); ``backend``
+        (``diffprobe.distributed``) decides where the missing ones are computed."""
         opened = FeatureCache.for_location(run_dir=self.run_dir) if cache is True else None
         shas = [it.sha256 for it in self.items]
         try:
@@ -97,6 +100,7 @@ class ImageSet:
                 cache=opened or cache or None,
                 shas=shas if all(shas) else None,
                 progress=progress,
+                backend=backend,
             )
         finally:
             if opened is not None:  # a cache this call opened is closed again; a caller's stays open
@@ -284,9 +288,11 @@ def load_features(
     cache: FeatureCache | None | bool = True,
     progress: Callable[[int], None] | None = None,
     guidance: str | None = None,
+    backend: Any = None,
 ) -> tuple[np.ndarray, dict]:
     """Features of every image under ``source`` (flat, recursive; of a run: only the ``guidance`` variant), or a
-    precomputed ``.npy`` array [count, dim] (memory-mapped, so very large reference sets need not fit in RAM)."""
+    precomputed ``.npy`` array [count, dim] (memory-mapped, so very large reference sets need not fit in RAM).
+    ``backend`` (``diffprobe.distributed``) decides where features missing from the cache are computed."""
     path = Path(source).expanduser()
     if path.suffix == ".npy":
         if not path.is_file():
@@ -306,4 +312,4 @@ def load_features(
     if embedder is None:
         raise InputError(f"{path} is an image folder; an embedder is needed")
     images = load_image_set(path, strict=strict, flat=True, guidance=guidance)
-    return images.features(embedder, cache=cache, progress=progress), images.summary()
+    return images.features(embedder, cache=cache, progress=progress, backend=backend), images.summary()

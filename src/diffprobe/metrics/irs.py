@@ -382,12 +382,15 @@ def score_irs(
     stirling: str = "auto",
     progress=None,
     guidance: str | None = None,
+    embed_backend=None,
 ) -> dict:
     """IRS of a synthetic set (run directory, image folder or .npy features) against a training set, and, with a
     test split, IRS-infinity,a. ``test == train`` (same path) splits the training set 50/50, seeded. ``guidance``
     picks one guidance variant of a synthetic run that holds several.
 
     ``embedder="auto"`` uses SwAV when ``weights`` is given (the paper's choice), else efficientnet-lite0.
+    ``embed_backend`` (``diffprobe.distributed``) decides where image features are computed (``backend`` is the
+    nearest-neighbour search's).
     """
     from ..embed import Embedder, get_embedder
     from .images import load_features
@@ -410,8 +413,9 @@ def score_irs(
                 )
         else:
             model = get_embedder(embedder, weights=weights, device=device, batch_size=batch_size)
-    train_f, train_info = load_features(train, model, strict=strict, cache=cache, progress=progress)
-    snth_f, snth_info = load_features(snth, model, strict=strict, cache=cache, progress=progress, guidance=guidance)
+    embed = {"strict": strict, "cache": cache, "progress": progress, "backend": embed_backend}
+    train_f, train_info = load_features(train, model, **embed)
+    snth_f, snth_info = load_features(snth, model, guidance=guidance, **embed)
     for name, feats in (("synthetic", snth_f),):
         if feats.shape[1] != train_f.shape[1]:
             raise InputError(f"{name} features have dimension {feats.shape[1]}, train has {train_f.shape[1]}")
@@ -432,7 +436,7 @@ def score_irs(
             train_f, test_f = split_train(np.asarray(train_f), seed)
             result["input"]["test"] = {"split": "train split 50/50 (seeded); N halves", "n_images": len(test_f)}
         else:
-            test_f, test_info = load_features(test, model, strict=strict, cache=cache, progress=progress)
+            test_f, test_info = load_features(test, model, **embed)
             result["input"]["test"] = test_info
             if test_f.shape[1] != train_f.shape[1]:
                 raise InputError(f"test features have dimension {test_f.shape[1]}, train has {train_f.shape[1]}")

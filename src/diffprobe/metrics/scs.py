@@ -166,10 +166,12 @@ def score_scs(
     scale: float = 100.0,
     clamp: bool = True,
     progress=None,
+    backend=None,
 ) -> dict:
     """Score a run directory or a grouped image folder; returns the JSON-ready result.
 
-    ``embedder`` is a name for ``diffprobe.embed.get_embedder`` or an ``Embedder``.
+    ``embedder`` is a name for ``diffprobe.embed.get_embedder`` or an ``Embedder``; ``backend``
+    (``diffprobe.distributed``) decides where features missing from the cache are computed.
     """
     from ..embed import Embedder, get_embedder
     from .images import load_image_set
@@ -185,7 +187,7 @@ def score_scs(
                 raise
             raise ModelNotFoundError(f"{err}; or score with --embedder efficientnet-lite0, which needs no download "
                                      "(its scores are not comparable with CLIP-based ones)") from None
-    features = images.features(embedder, cache=cache, progress=progress)
+    features = images.features(embedder, cache=cache, progress=progress, backend=backend)
     per_prompt = scs_per_prompt(features, groups, scale, clamp)
     texts = images.prompt_texts()
     warnings = []

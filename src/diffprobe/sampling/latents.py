@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..models.base import ModelAdapter
 
 _SEED_NAME = re.compile(r"^[0-9]+$")
 
@@ -28,10 +27,8 @@ class InitialLatents:
     sha256: str
     tensors: dict[int, torch.Tensor]  # seed -> (C, h, w)
 
-    def check(self, adapter: ModelAdapter, height: int, width: int, seeds: Sequence[int]) -> None:
-        """Every seed has a tensor, of the latent shape this model samples at height x width."""
-        f = adapter.vae_scale_factor
-        want = (adapter.latent_channels, height // f, width // f)
+    def check(self, want: tuple[int, int, int], height: int, width: int, seeds: Sequence[int]) -> None:
+        """Every seed has a tensor, of the latent shape ``want`` the model samples at height x width."""
         if missing := [s for s in seeds if s not in self.tensors]:
             raise InputError(f"the initial latents file {self.path} holds no latents for seed(s) "
                              f"{', '.join(map(str, missing[:5]))}; it has {len(self.tensors)} seed(s)")
