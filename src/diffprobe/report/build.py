@@ -181,7 +181,7 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
     for cid, _, _ in columns:
         values = [value_of(cell_value(m, cid)) for m in arm_measures.values()]
         values = [v for v in values if v is not None]
-        if len(values) > 1:
+        if len(values) > 1 and len(set(values)) > 1:  # a column where every arm ties has no best
             best[cid] = max(values)
     rows = []
     for arm in report.arms:
@@ -209,7 +209,7 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
 
 def _describe_guidance(guidance: dict[str, Any]) -> str:
     name = guidance.get("name", "?")
-    keys = [k for k in ("scale", "concept_scale", "rescale") if k in guidance]
+    keys = [k for k in ("scale", "concept_scale", "rescale") if guidance.get(k) not in (None, 0, 0.0)]
     return name + (" " + ", ".join(f"{k}={guidance[k]}" for k in keys) if keys else "")
 
 
