@@ -66,7 +66,8 @@ def paired(baseline: str, pairs: dict[str, list[tuple[float, float]]], path: Pat
 
 def accuracy(per_arm: dict[str, dict[str, dict[str, Any]]], path: Path) -> Path:
     """Accuracy per category for each arm, with the Wilson 95 % intervals as error bars."""
-    categories = [c for c in dict.fromkeys(c for arm in per_arm.values() for c in arm)]
+    found = list(dict.fromkeys(c for arm in per_arm.values() for c in arm))
+    categories = [c for c in found if c == "all"] + [c for c in found if c != "all"]  # as in the summary table
     labels = list(per_arm)
     width = 0.8 / max(1, len(labels))
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(categories) * max(1, len(labels)) ** 0.5 + 2), 3.4))
