@@ -37,7 +37,8 @@ def hand_made_report(folder: Path):
                               for i, t in enumerate(HOSTILE)]}
         comp = {"judge": {"name": "<script>alert(4)</script>"},
                 "categories": {"all": {"accuracy": 0.5, "ci95": [0.3, 0.7], "n": 12, "correct": 6},
-                               "<i>count</i>": {"accuracy": 0.25 * (a + 1), "ci95": [0.1, 0.8], "n": 4, "correct": a + 1}}}
+                               "<i>count</i>": {"accuracy": 0.25 * (a + 1), "ci95": [0.1, 0.8], "n": 4,
+                                                "correct": a + 1}}}
         arms.append(Arm(label=label, run_dir=folder / f"run{a}", model={"model": "<script>alert(5)</script>"},
                         sampler={"steps": 2}, guidance={"name": "cfg<script>", "scale": 3.5}, versions={},
                         prompts=list(HOSTILE), seeds=[0, 1], images=images, scores={"scs": scs, "composition": comp}))

@@ -96,7 +96,8 @@ def test_summary_numbers_equal_the_statistics_called_directly(audit):
     assert summary["baseline"] == "cfg"
     assert [a["label"] for a in summary["arms"]] == ["cfg", "scfg scale=2", "scfg scale=4"]
     assert [a["images"] for a in summary["arms"]] == [8, 8, 8]  # 4 prompts x 2 seeds
-    assert summary["sweeps"] == [{"title": "scfg", "param": "scale", "arms": [["scfg scale=2", 2], ["scfg scale=4", 4]]}]
+    assert summary["sweeps"] == [{"title": "scfg", "param": "scale",
+                                  "arms": [["scfg scale=2", 2], ["scfg scale=4", 4]]}]
     runs = {a["label"]: result.audit_dir / a["run_dir"] for a in summary["arms"]}
     scs = {label: {r["prompt"]: r["scs"] for r in json.loads((run / "scores" / "scs.json").read_text())["per_prompt"]}
            for label, run in runs.items()}

@@ -35,7 +35,8 @@ def open_report(browser, index: Path, screenshot: Path):
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(f"request {r.url}"))
+    page.on("request",
+            lambda r: None if r.url.startswith(("file://", "data:")) else problems.append(f"request {r.url}"))
     page.goto(index.resolve().as_uri(), wait_until="load", timeout=60_000)
     page.screenshot(path=str(screenshot), full_page=False)
     if keep := os.environ.get("DIFFPROBE_SCREENSHOTS"):  # a folder that outlives pytest's temporary ones

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Run an audit (resumable: a re-run makes only what is missing) and write summary.json and the report."""
-        from ..audit import default_dir, dry_run as plan, load_config, run_audit
+        from ..audit import default_dir, load_config, run_audit
+        from ..audit import dry_run as plan
         from ..errors import check_writable
 
         console = Console(stderr=True)

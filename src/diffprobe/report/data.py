@@ -111,14 +111,17 @@ def gather_run(run_dir: str | Path, label: str | None = None) -> Arm:
         images[(s.prompt, s.seed)] = ImageInfo(
             key=s.key, prompt=s.prompt, seed=s.seed, path=s.image_path, sha256=s.image_sha256, records=s.records,
             correct=None if v is None else v.get("correct"), judged=v is not None,
-            answer="" if v is None else str(v.get("answer") or ""), reason="" if v is None else str(v.get("reason") or ""))
+            answer=str((v or {}).get("answer") or ""), reason=str((v or {}).get("reason") or ""))
         prompts.setdefault(s.prompt)
         seeds.setdefault(s.seed)
     if spec is not None:  # the spec's order, where the run holds those images
-        prompts = dict.fromkeys([p for p in spec.prompts if p in prompts] + [p for p in prompts if p not in spec.prompts])
-        seeds = dict.fromkeys(sorted(seeds, key=lambda x: (spec.seeds.index(x) if x in spec.seeds else 1 << 62, x)))
+        ordered = [p for p in spec.prompts if p in prompts]
+        prompts = dict.fromkeys(ordered + [p for p in prompts if p not in set(ordered)])
+        rank = {s: i for i, s in enumerate(spec.seeds)}
+        seeds = dict.fromkeys(sorted(seeds, key=lambda x: (rank.get(x, len(rank)), x)))
     first = samples[0].provenance if samples else {}
-    arm = Arm(label=label or run_dir.resolve().name, run_dir=run_dir, model=config.get("model") or first.get("model", {}),
+    arm = Arm(label=label or run_dir.resolve().name, run_dir=run_dir,
+              model=config.get("model") or first.get("model", {}),
               sampler=config.get("sampler") or first.get("sampler", {}),
               guidance=config.get("guidance") or (samples[0].guidance if samples else {}),
               versions=first.get("versions", {}), prompts=list(prompts), seeds=list(seeds), images=images)
