@@ -206,3 +206,15 @@ def test_an_interrupted_audit_resumes_keeping_what_it_made(tmp_path, monkeypatch
         with open_run(run) as store:
             after = {s.key: s.created for s in store.samples()}
         assert {k: after[k] for k in before[run.name]} == before[run.name]  # kept, not made again
+
+
+def test_scs_shares_average_to_the_prompts_scs(audit):
+    from diffprobe.report.data import gather_run, scs_contributions
+
+    _, result = audit
+    arm = gather_run(next((result.audit_dir / "arms").iterdir()))
+    shares = scs_contributions(arm, arm.prompts)
+    assert len(shares) == 8
+    for prompt, scs in arm.per_prompt("scs").items():
+        assert np.mean([v for (p, _), v in shares.items() if p == prompt]) == pytest.approx(scs)
+    assert "SCS share" in result.index.read_text(encoding="utf-8")

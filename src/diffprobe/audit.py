@@ -32,7 +32,6 @@ from .spec import RunSpec, build_spec, canonical_json
 ARMS_DIR = "arms"
 SUMMARY_FILE = "summary.json"
 AUDIT_KIND = "diffprobe-audit"
-Scalar = float | int | str | bool | None
 
 
 class ModelEntry(BaseModel):
@@ -432,8 +431,6 @@ def run_audit(config_path: str | Path, audit_dir: str | Path | None = None, *, c
         adapter = models.get(arm) if arm.to_make else None
         generate(arm.spec, arm.run_dir, prompts=prompts, batch_size=config.batch_size, extend=True, adapter=adapter,
                  console=console, progress=progress)
-    if len(models.loaded) < len({canonical_json(a.model.model_dump(exclude={"label"})) for a in arms if a.to_make}):
-        notes.append("arms of one model with different schedulers loaded it once per scheduler")
     models.loaded.clear()  # free the diffusion models before the measures load theirs
     measure_all(config, config_path, arms, notes, console, progress)
     summary = summarize(config, raw, arms, baseline, audit_dir, notes)
@@ -545,6 +542,8 @@ def _each(arms: list[ArmPlan], name: str, notes: list[str], console: Console, lo
 def compare_arm(base, arm, metric: str, n_boot: int = 10000, seed: int = 0) -> dict[str, Any] | None:
     """Paired comparison of ``arm`` with ``base`` (report Arms): ``scs``/``clip`` over prompts (Wilcoxon; the
     full result of ``compare_paired`` under ``detail``), ``composition`` over images judged in both (McNemar)."""
+    import numpy as np
+
     from .metrics.stats import bootstrap_mean_ci, compare_scores, mcnemar
 
     if metric in ("scs", "clip"):
@@ -568,8 +567,6 @@ def compare_arm(base, arm, metric: str, n_boot: int = 10000, seed: int = 0) -> d
             return None
         x, y = [p[0] for p in pairs], [p[1] for p in pairs]
         test = mcnemar(x, y)
-        import numpy as np
-
         d = np.asarray(y, float) - np.asarray(x, float)
         low, high = bootstrap_mean_ci(d, n_boot, seed=seed) if len(d) > 1 else (float(d[0]), float(d[0]))
         return {"n_pairs": len(pairs), "difference": float(d.mean()), "ci": [low, high], "p": test["p"],

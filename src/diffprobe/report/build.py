@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import InputError, check_writable
 from . import plots
-from .data import Arm, gather_run, identities, measures, read_json
+from .data import Arm, gather_run, identities, measures, read_json, scs_contributions
 
 SUMMARY_FILE = "summary.json"
 AUDIT_KIND = "diffprobe-audit"
@@ -115,6 +115,7 @@ def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[
     prompts = list(dict.fromkeys([p for a in report.arms for p in a.prompts]))
     seeds = list(dict.fromkeys([s for a in report.arms for s in a.seeds]))
     shown_prompts, shown_seeds = spread(prompts, max_prompts), spread(seeds, max_seeds)
+    shares = {arm.label: scs_contributions(arm, shown_prompts) for arm in report.arms}
     out_grids = []
     for prompt in shown_prompts:
         rows = []
@@ -127,7 +128,9 @@ def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[
                     continue
                 mark, caption = _verdict(info)
                 src = thumbnail(info.path, info.sha256, thumbs)
-                cells.append({"seed": seed, "src": src, "mark": mark, "caption": caption, "missing": src is None})
+                share = shares[arm.label].get((prompt, seed))
+                cells.append({"seed": seed, "src": src, "mark": mark, "caption": caption, "missing": src is None,
+                              "scs": "" if share is None else f"SCS share {share:.1f}"})
             rows.append({"label": arm.label, "cells": cells})
         out_grids.append({"prompt": prompt, "anchor": _anchor(prompt), "long": len(prompt) > LONG_TEXT,
                           "short": prompt[:LONG_TEXT], "rows": rows})

@@ -182,3 +182,38 @@ def identities(arm: Arm) -> dict[str, Any]:
     if judge := arm.scores.get("composition", {}).get("judge"):
         out["judge"] = judge
     return out
+
+
+def scs_contributions(arm: Arm, prompts: list[str]) -> dict[tuple[str, int], float]:
+    """Each image's share of its prompt's SCS: its mean similarity to the prompt's other images (their mean is the
+    prompt's SCS), from the features cached in the run when it was scored. Empty when the run was not scored with
+    SCS or its cache does not hold every image of a prompt."""
+    from ..embed.cache import CACHE_FILE, FeatureCache
+    from ..metrics.scs import pair_scores
+
+    scs = arm.scores.get("scs") or {}
+    embedder = (scs.get("embedder") or {}).get("id")
+    path = arm.run_dir / CACHE_FILE
+    if not embedder or not path.is_file():
+        return {}
+    by_prompt: dict[str, list[ImageInfo]] = {}
+    for info in arm.images.values():
+        by_prompt.setdefault(info.prompt, []).append(info)
+    out: dict[tuple[str, int], float] = {}
+    try:
+        cache = FeatureCache(path, read_only=True)
+    except InputError:
+        return {}
+    try:
+        for prompt in prompts:
+            infos = by_prompt.get(prompt, [])
+            found = cache.get([i.sha256 for i in infos], embedder)
+            if len(infos) < 2 or any(i.sha256 not in found for i in infos):
+                continue
+            sim = pair_scores(np.stack([found[i.sha256] for i in infos]), scale=float(scs.get("scale", 100.0)),
+                              clamp=bool(scs.get("clamp_negative", True)))
+            shares = (sim.sum(axis=1) - np.diag(sim)) / (len(infos) - 1)
+            out.update({(i.prompt, i.seed): float(v) for i, v in zip(infos, shares, strict=True)})
+    finally:
+        cache.close()
+    return out
