@@ -21,7 +21,15 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+FMNIST = ("needs the dataset-fashion-mnist Debian package and about 10 CPU-minutes (tests/test_fd.py runs the study "
+          "on small folders and on features with a planted truth)")
 HUB = "a hub model: a multi-GB download, and a GPU to run in reasonable time"
+VLM_SERVER = "a vision-language model server (vLLM or Ollama) with its weights and a GPU"
+VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.py runs the same flags against a "
+             "loopback OpenAI-compatible server)")
+DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
+            "local detector)")
+SD21 = HUB + ", the official repository's Comp90 files and a judge of photographs (JUDGE)"
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); tests/test_audit.py runs a smaller audit",
     "diffprobe audit examples/audit-shapes.yaml --out runs/demo-audit": "the demo audit takes minutes; "
@@ -43,6 +51,55 @@ SKIPPED = {
     "--concepts 'a red book; a gold clock'": HUB,
     "diffprobe generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts prompts.txt --guidance concept "
     "--guidance-param mode=head": HUB,
+    "vllm serve Qwen/Qwen2-VL-7B-Instruct --port 8000": VLM_SERVER,
+    "ollama pull llama3.2-vision": VLM_SERVER,
+    "ollama serve": VLM_SERVER,
+    "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model "
+    "Qwen/Qwen2-VL-7B-Instruct": VLM_JUDGE,
+    "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:11434/v1 --judge-model llama3.2-vision":
+    VLM_JUDGE,
+    "diffprobe judge runs/sd21 --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model "
+    "Qwen/Qwen2-VL-7B-Instruct --template 'count=How many {plural} do you see? Reply with a number.'": VLM_JUDGE,
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
+    "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds 0 --out runs/comp90-eval": HUB + "; and the "
+    "user's copy of Comp90 (tests/test_prompts.py loads the suites from small files)",
+    "diffprobe judge --agreement runs/judged --judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2-vl "
+    "--against shapes": "needs a VLM server (tests/test_agreement.py compares judges end to end)",
+    "diffprobe judge runs/sd15-counts --judge detector --detector google/owlv2-base-patch16-ensemble": DETECTOR,
+    "diffprobe judge runs/sd15-spatial --judge detector --detector IDEA-Research/grounding-dino-tiny --margin 0.1":
+    DETECTOR,
+    "diffprobe judge runs/sd15-cc500 --judge detector --detector google/owlv2-base-patch16-ensemble --clip "
+    "clip-vit-l14": DETECTOR,
+    "diffprobe score fd runs/sd15 --ref coco_val_images --inception inception-2015-12-05.pt --resize clean":
+        "needs the FID Inception file, a download (tests/test_fd.py runs the TorchScript path on a tiny network)",
+    "python examples/fashion_mnist_folders.py --train-size 3000 --test-size 1000 --out /tmp/fd-fmnist-study": FMNIST,
+    "diffprobe score extractors --train /tmp/fd-fmnist-study/train --test /tmp/fd-fmnist-study/test --embedders "
+    "efficientnet-lite0@64,efficientnet-lite1@64,efficientnet-lite2@64,pixels,random-projection --out "
+    "/tmp/fd-fmnist-study/extractors.json": FMNIST,
+    "python examples/extractors_fashion_mnist.py --folders /tmp/fd-fmnist-study --result "
+    "/tmp/fd-fmnist-study/extractors.json": FMNIST,
+    "python examples/fashion_mnist_folders.py --train-size 0 --test-size 1000 --seed 1 --out /tmp/fd-fmnist-fd/all":
+        FMNIST,
+    "python examples/fashion_mnist_folders.py --train-size 0 --test-size 1000 --seed 1 --classes 0,1,2,3,4 --out "
+    "/tmp/fd-fmnist-fd/half": FMNIST,
+    "diffprobe score fd /tmp/fd-fmnist-study/test --ref /tmp/fd-fmnist-study/train --embedder efficientnet-lite0@64 "
+    "--save-stats /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz --out "
+    "/tmp/fd-fmnist-fd/heldout-efficientnet-lite0@64.json": FMNIST,
+    "diffprobe score fd /tmp/fd-fmnist-fd/half/test --ref /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz "
+    "--embedder efficientnet-lite0@64 --out /tmp/fd-fmnist-fd/half-efficientnet-lite0@64.json": FMNIST,
+    "diffprobe seeds mine --model stabilityai/stable-diffusion-2-1 --prompts comp90-mine/objects_train.txt --seeds "
+    "0-99 --dtype fp16 --generator-device cuda --judge JUDGE --out runs/sd21-mine": SD21,
+    "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts comp90/objects_eval.txt --seeds "
+    "reliable:runs/sd21-mine/reliable_seeds.json --dtype fp16 --generator-device cuda --out runs/sd21-eval-reliable":
+    SD21,
+    "diffprobe seeds dataset --model stabilityai/stable-diffusion-2-1 --seeds-file runs/sd21-mine/reliable_seeds.json "
+    "--prompts comp90/objects_train.txt --rectify relabel --judge JUDGE --dtype fp16 --out data/sd21-seeds": SD21,
+    "diffprobe seeds finetune data/sd21-counts --model stabilityai/stable-diffusion-2-1 --workers 4 "
+    "--out models/sd21-qk": HUB,
+    "accelerate launch --num_processes 2 -m diffprobe.cli seeds finetune data/sd21-counts --model "
+    "stabilityai/stable-diffusion-2-1 --grad-accum 4 --workers 4 --out models/sd21-qk": "two GPUs and " + HUB,
+    "diffprobe generate --model models/sd21-qk --prompts comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset "
+    "--seeds 0 --out runs/sd21-qk": "the SD 2.1 model fine-tuned above, and the user's copy of Comp90",
 }
 SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; run by bash
 
@@ -50,11 +107,15 @@ SHELL = ("printf",)  # plain shell commands the docs use to make their inputs; r
 SEEDS = "0-1"  # the fewest seeds SCS can score (2 images per prompt)
 STEPS = "2"  # --steps N -> 2, and --steps 2 added where the command leaves the model's default
 SUITE_PROMPTS = 2  # --prompts <built-in suite> -> a prompt file of the suite's first 2 distinct prompts
+# `seeds finetune --steps N` -> 2 as well (optimisation steps)
 
 
 def _user_data(folder: Path) -> None:
     """The folders README's IRS example names as the user's own data: rendered shapes-world scenes (the shapes
-    model's training distribution) stand in for training images and held-out real images."""
+    model's training distribution) stand in for training images and held-out real images; ``captioned_images``
+    (the fine-tuning docs' data) holds scenes with their captions in metadata.jsonl."""
+    import json
+
     from diffprobe.worlds import shapes
 
     for name, start in (("train_images", 0), ("test_images", 1000)):
@@ -62,6 +123,13 @@ def _user_data(folder: Path) -> None:
         for i in range(start, start + 8):
             scene, _ = shapes.training_example(i)
             shapes.render(scene).save(folder / name / f"{i}.png")
+    (folder / "captioned_images").mkdir()
+    rows = []
+    for i in range(4):
+        scene, caption = shapes.training_example(i)
+        shapes.render(scene).save(folder / "captioned_images" / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (folder / "captioned_images" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def bash_commands(doc: Path) -> list[tuple[str, str]]:
@@ -88,20 +156,45 @@ def _suite_excerpt(name: str, folder: Path) -> str:
     return str(path)
 
 
+def _question_excerpt(name: str, folder: Path) -> str:
+    """The first prompt of each question category of a suite (count 2, count 3, ..., relation left_of, ...), with
+    its metadata: what the seeds commands need to mine every category that a later excerpt may ask for."""
+    import json
+
+    from diffprobe.prompts import load_prompts
+
+    first: dict[str, dict] = {}
+    for p in load_prompts(name):
+        q = p.meta.get("question") or {}
+        first.setdefault(f"{q.get('kind')} {q.get('count')} {q.get('relation')}", {"prompt": p.text, **p.meta})
+    path = folder / f"{name}-each-category.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in first.values()))
+    return str(path)
+
+
+SAMPLING = (["diffprobe", "generate"], ["diffprobe", "seeds", "mine"], ["diffprobe", "seeds", "dataset"])
+
+
 def _capped(words: list[str], folder: Path) -> list[str]:
+    """``words`` with the substitutions above applied (the seeds commands that sample count as generate; a
+    ``reliable:FILE`` seed list is kept)."""
+    generate = any(words[:len(command)] == command for command in SAMPLING)
+    # prompts with their questions where the command reads them (seeds commands, reliable:FILE seeds)
+    seeds_command = words[:2] == ["diffprobe", "seeds"] or any(w.startswith("reliable:") for w in words)
     """``words`` with the substitutions above applied."""
     generate = words[:2] == ["diffprobe", "generate"]
+    finetune = words[:3] == ["diffprobe", "seeds", "finetune"]
     out, i = [], 0
     while i < len(words):
         word, value = words[i], words[i + 1] if i + 1 < len(words) else None
         if word == "--out":
             value = str(folder / value)
-        elif generate and word == "--seeds":
+        elif generate and word == "--seeds" and not str(value).startswith("reliable:"):
             value = SEEDS
-        elif generate and word == "--steps":
+        elif (generate or finetune) and word == "--steps":
             value = STEPS
         elif generate and word == "--prompts" and not (folder / value).exists():
-            value = _suite_excerpt(value, folder)
+            value = _question_excerpt(value, folder) if seeds_command else _suite_excerpt(value, folder)
         else:
             out.append(word)
             i += 1

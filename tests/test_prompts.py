@@ -87,7 +87,8 @@ def test_comp90_numerical_expansion(tmp_path):
     got = read_prompt_file(tmp_path / "objects_eval.txt")
     assert len(got) == 2 * 2 * 5
     assert got[0] == Prompt("two apples, on a sunny beach")
-    assert got[0].meta == {"count": 2, "object": "apple", "background": "on a sunny beach"}
+    assert got[0].meta == {"count": 2, "object": "apple", "plural": "apples", "background": "on a sunny beach"}
+    assert got[5].meta["plural"] == "mice"
     assert got[4].text == "six apples, on a sunny beach"
     assert got[5].text == "two mice, on a sunny beach"
     assert got[-1].text == "six mice, under a starry desert sky"
@@ -102,6 +103,78 @@ def test_comp90_errors(tmp_path):
         read_prompt_file(tmp_path / "objects_train.txt")
     with pytest.raises(InputError, match="number word"):
         comp90_numerical([Comp90Object("a", "an a", "as")], ["x"], counts=[11])
+
+
+def comp90_folder(root, n_train=16, n_train_bg=5):
+    """A small prompt_dataset/ folder shaped like the official one (fewer lines)."""
+    folder = root / "prompt_dataset"
+    folder.mkdir()
+    train = [f"thing{i}, a thing{i}, things{i}" for i in range(n_train)]
+    (folder / "objects_train.txt").write_text("\n".join(train) + "\n")
+    (folder / "objects_eval.txt").write_text("apple, an apple, apples\nmouse, a mouse, mice\nfish, a fish, fish\n")
+    (folder / "backgrounds_train.txt").write_text("".join(f"in place {i}\n" for i in range(n_train_bg)))
+    (folder / "backgrounds_eval.txt").write_text("dark solid color background\nunder a starry desert sky\n")
+    (folder / "spatial_prompts_train.txt").write_text(
+        "A pineapple on the left of a monkey\nA snail on the right of a boat\n"
+        "a dice on the top of a monkey\na lemon under a watermelon\n")
+    (folder / "spatial_prompts_eval.txt").write_text("a cat on the left of a dog\nan owl under a tree\n")
+    (folder / "numerical_prompts_train.txt").write_text("")  # empty in the official folder too
+    return folder
+
+
+def test_comp90_suites(tmp_path):
+    folder = comp90_folder(tmp_path)
+    # eval: every eval object x eval background x counts 2-6, with the file's plurals
+    got = load_prompts(f"comp90-numerical-eval:{folder}")
+    assert len(got) == 3 * 2 * 5
+    assert got[0] == Prompt("two apples, dark solid color background")
+    assert {p.meta["plural"] for p in got} == {"apples", "mice", "fish"}
+    assert got[-1].text == "six fish, under a starry desert sky"
+    # train: all train objects x backgrounds; mining: the first 15 objects x first 4 backgrounds (the paper's subset)
+    train = load_prompts(f"comp90-numerical-train:{folder}")
+    assert len(train) == 16 * 5 * 5
+    mining = load_prompts(f"comp90-numerical-mining:{folder.parent}")  # the repository root works too
+    assert len(mining) == 15 * 4 * 5
+    assert {p.meta["object"] for p in mining} == {f"thing{i}" for i in range(15)}
+    assert {p.meta["background"] for p in mining} == {f"in place {i}" for i in range(4)}
+    assert not {p.text for p in got} & {p.text for p in train}
+    # spatial: the four relations of the paper, as relation questions
+    from diffprobe.judges.questions import question_for
+
+    spatial = load_prompts(f"comp90-spatial-train:{folder}")
+    relations = [question_for(p)[0].relation for p in spatial]
+    assert relations == ["left_of", "right_of", "above", "below"]
+    assert [p.meta["relation_phrase"] for p in spatial] == ["on the left of", "on the right of", "on the top of",
+                                                            "under"]
+    assert len(load_prompts(f"comp90-spatial-eval:{folder}")) == 2
+
+
+def test_comp90_suite_as_a_run_spec_prompt_source(tmp_path):
+    """``generate --prompts comp90-...:PATH`` builds its spec this way: the suite is the recorded source, and the
+    prompts keep the meta that makes their questions (count, object, plural)."""
+    from diffprobe.spec import build_spec
+
+    folder = comp90_folder(tmp_path)
+    spec, prompts, dropped = build_spec({"model": "shapes", "prompts": f"comp90-numerical-eval:{folder}",
+                                         "seeds": "0"})
+    assert spec.prompt_source == f"comp90-numerical-eval:{folder}" and dropped == 0
+    assert spec.prompts == [p.text for p in prompts] and len(prompts) == 30
+    assert prompts[5].meta == {"count": 2, "object": "mouse", "plural": "mice",
+                               "background": "dark solid color background"}
+
+
+def test_comp90_suite_errors(tmp_path):
+    with pytest.raises(InputError, match="give the Comp90 folder after a colon"):
+        load_prompts("comp90-numerical-eval")
+    with pytest.raises(InputError, match="does not exist; give the official"):
+        load_prompts(f"comp90-numerical-eval:{tmp_path / 'nowhere'}")
+    with pytest.raises(InputError, match="unknown Comp90 suite 'comp90-numerical-test'"):
+        load_prompts(f"comp90-numerical-test:{tmp_path}")
+    with pytest.raises(InputError, match="has no objects_eval.txt"):
+        load_prompts(f"comp90-numerical-eval:{tmp_path}")
+    small = comp90_folder(tmp_path, n_train=3, n_train_bg=2)
+    with pytest.raises(InputError, match="needs 15 train objects and 4 train backgrounds; .* has 3 and 2"):
+        load_prompts(f"comp90-numerical-mining:{small}")
 
 
 def test_builtin_scs100():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from diffprobe.errors import InputError
 from diffprobe.judges import ObjectSpec, Question
 from diffprobe.judges import questions as qs_mod
-from diffprobe.judges.questions import object_spec, parse_spatial, question_dict, question_for
+from diffprobe.judges.questions import object_spec, parse_spatial, plural_of, question_dict, question_for
 from diffprobe.prompts import Comp90Object, Prompt, comp90_numerical, load_suite, read_prompt_file
 
 
@@ -38,9 +38,11 @@ def test_comp90_numerical_from_meta(tmp_path):
     prompts = read_prompt_file(tmp_path / "objects_eval.txt")
     got = {p.text: question_for(p) for p in prompts}
     q, reason = got["three apples, on a sunny beach"]
-    assert q == Question("count", (ObjectSpec("apple"),), count=3, text="three apples, on a sunny beach")
+    # the objects file's plural form travels with the object (the count template asks "How many apples ...")
+    assert q == Question("count", (ObjectSpec("apple", plural="apples"),), count=3,
+                         text="three apples, on a sunny beach")
     assert reason == "Comp90 numerical prompt"
-    assert got["six teddy bears, on a sunny beach"][0].objects == (ObjectSpec("teddy bear"),)
+    assert got["six teddy bears, on a sunny beach"][0].objects == (ObjectSpec("teddy bear", plural="teddy bears"),)
     assert {q.count for q, _ in got.values()} == {2, 3, 4, 5, 6}
 
 
@@ -209,6 +211,42 @@ def test_question_dict_round_trip():
     q = Question("relation", (ObjectSpec("cat", "red", "big"), ObjectSpec("dog")), relation="below", text="t")
     assert question_for(Prompt("t", {"question": question_dict(q)}))[0] == q
     assert question_for(Prompt("t", {"question": json.loads(json.dumps(question_dict(q)))}))[0] == q
+    # a plural is kept where known, and absent from the dict otherwise (older questions keep their stored keys)
+    assert "plural" not in question_dict(q)["objects"][0]
+    counted = Question("count", (ObjectSpec("mouse", plural="mice"),), count=3, text="three mice")
+    assert question_dict(counted)["objects"] == [{"noun": "mouse", "color": None, "size": None, "plural": "mice"}]
+    stored = json.loads(json.dumps(question_dict(counted)))
+    assert question_for(Prompt("three mice", {"question": stored}))[0] == counted
+
+
+@pytest.mark.parametrize(("obj", "plural"), [
+    (ObjectSpec("apple"), "apples"), (ObjectSpec("box"), "boxes"), (ObjectSpec("mouse"), "mice"),
+    (ObjectSpec("knife"), "knives"), (ObjectSpec("strawberry"), "strawberries"), (ObjectSpec("bus"), "buses"),
+    (ObjectSpec("sheep"), "sheep"), (ObjectSpec("person"), "people"), (ObjectSpec("teddy bear"), "teddy bears"),
+    (ObjectSpec("circle", "red", "big"), "big red circles"),
+    # the source's own plural wins over the dictionary's ("dice" is already plural in Comp90's file)
+    (ObjectSpec("dice", plural="dice"), "dice"), (ObjectSpec("cottage", plural="cottages"), "cottages"),
+])
+def test_plural_of(obj, plural):
+    assert plural_of(obj) == plural
+
+
+def test_comp90_plural_reaches_the_question(tmp_path):
+    (tmp_path / "objects_eval.txt").write_text("dice, a dice, dice\nmouse, a mouse, mice\n")
+    (tmp_path / "backgrounds_eval.txt").write_text("on a sunny beach\n")
+    plurals = {plural_of(question_for(p)[0].objects[0]) for p in read_prompt_file(tmp_path / "objects_eval.txt")}
+    assert plurals == {"dice", "mice"}
+    with pytest.raises(InputError, match="'plural' must be a non-empty string"):
+        question_for(Prompt("x", {"object": "apple", "count": 2, "plural": 3}))
+
+
+def test_question_file_objects_may_give_a_plural(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"prompt": "three geese", "kind": "count", "count": 3,
+                             "objects": [{"noun": "goose", "plural": "geese"}]}) + "\n")
+    [p] = qs_mod.read_question_prompts(f)
+    q, _ = question_for(p)
+    assert q.objects == (ObjectSpec("goose", plural="geese"),) and plural_of(q.objects[0]) == "geese"
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 30) | st.floats(allow_nan=False) |

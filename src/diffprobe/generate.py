@@ -32,6 +32,7 @@ from .errors import InputError, StorageError
 from .guidance import Guider, make_guider
 from .models.base import ModelAdapter
 from .prompts import Prompt
+from .sampling.latents import InitialLatents, read_initial_latents
 from .spec import RunSpec, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 from .versions import library_versions
@@ -98,28 +99,58 @@ class GenerateResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolved_config(adapter: ModelAdapter, spec: RunSpec, guider: Guider) -> dict[str, Any]:
-    """What every job key of this run is made of, besides prompt and seed (batch size deliberately absent)."""
+def resolved_config(adapter: ModelAdapter, spec: RunSpec, guider: Guider,
+                    latents: InitialLatents | None = None) -> dict[str, Any]:
+    """What every job key of this run is made of, besides prompt and seed (batch size deliberately absent).
+    ``latents``: the starting noise read from ``spec.sampler.initial_latents`` (its content hash is recorded)."""
     height, width = spec.sampler.height, spec.sampler.width
     default_h, default_w = adapter.default_size
-    return {
-        "model": adapter.identity(),
-        "sampler": {
-            "steps": spec.sampler.steps or adapter.default_steps,
-            "scheduler": spec.sampler.scheduler or "default",
-            "height": height or default_h,
-            "width": width or default_w,
-            "dtype": str(adapter.dtype).removeprefix("torch."),
-            "generator_device": spec.sampler.generator_device,
-        },
-        "guidance": guider.config(),
+    sampler = {
+        "steps": spec.sampler.steps or adapter.default_steps,
+        "scheduler": spec.sampler.scheduler or "default",
+        "height": height or default_h,
+        "width": width or default_w,
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "generator_device": spec.sampler.generator_device,
     }
+    if latents is not None:  # only when set, so the keys of seeded runs stay as they were
+        sampler["initial_latents"] = latents.sha256
+    return {"model": adapter.identity(), "sampler": sampler, "guidance": guider.config()}
 
 
 def plan(prompts: Sequence[str], seeds: Sequence[int], config: dict[str, Any]) -> list[Job]:
     """All jobs, prompt-major (every seed of the first prompt, then the next prompt)."""
-    return [Job(job_key(config["model"], p, s, config["sampler"], config["guidance"]), p, s)
-            for p in prompts for s in seeds]
+    return plan_pairs([(p, s) for p in prompts for s in seeds], config)
+
+
+def plan_pairs(pairs: Sequence[tuple[str, int]], config: dict[str, Any]) -> list[Job]:
+    """The jobs of these (prompt, seed) pairs (``RunSpec.pairs``: the grid, or each prompt's own seeds)."""
+    return [Job(job_key(config["model"], p, s, config["sampler"], config["guidance"]), p, s) for p, s in pairs]
+
+
+def check_seed_source(spec: RunSpec, config: dict[str, Any]) -> None:
+    """Seeds chosen for other settings (``spec.seed_source.requires``) are refused, naming what differs: a seed
+    integer gives the same starting noise only with the same generator device, dtype and latent shape."""
+    source = spec.seed_source
+    if source is None or not source.requires:
+        return
+    diffs = []
+    for name, wanted in sorted(source.requires.items()):
+        now = _nested(config, name)
+        if now != wanted:
+            diffs.append(f"{name}: {wanted!r} (seeds file) != {now!r} (now)")
+    if diffs:
+        raise InputError(f"the seeds in {source.file} were mined with other settings ({'; '.join(diffs)}); "
+                         "generate with the same model, size, dtype and --generator-device, or pass "
+                         "--use-stored-latents to start from the stored initial latents instead")
+
+
+def _nested(config: dict[str, Any], name: str) -> Any:
+    """``config["sampler"]["height"]`` for ``"sampler.height"`` (None where a part is missing)."""
+    value: Any = config
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def batches(jobs: Sequence[Job], guider: Guider, batch_size: int) -> list[list[Job]]:
@@ -222,13 +253,19 @@ def generate(
             from .models import load_model
 
             adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
-                                 dtype=spec.model.dtype, scheduler=spec.sampler.scheduler)
+                                 dtype=spec.model.dtype, scheduler=spec.sampler.scheduler, lora=spec.model.lora)
         defaults = adapter.guidance_defaults()
         if any(name not in spec.guidance.params for name in defaults):  # the model's recommended parameters
             guider = make_run_guider(spec, metas, defaults)
-        config = resolved_config(adapter, spec, guider)
+        latents = None
+        if spec.sampler.initial_latents is not None:
+            latents = read_initial_latents(spec.sampler.initial_latents)
+        config = resolved_config(adapter, spec, guider, latents)
         # fail before any work, not at the first batch
         adapter.check_size(config["sampler"]["height"], config["sampler"]["width"])
+        check_seed_source(spec, config)
+        if latents is not None:
+            latents.check(adapter, config["sampler"]["height"], config["sampler"]["width"], spec.seeds)
         if store is None:
             store = create_run(out, spec, new=new)
             if store.moved_aside is not None:
@@ -236,12 +273,12 @@ def generate(
         store.check_config(config)
         store.add_prompts((text, metas[text]) for text in spec.prompts)
         done_keys = store.keys()
-        jobs = plan(spec.prompts, spec.seeds, config)
+        jobs = plan_pairs(spec.pairs(), config)
         todo = [j for j in jobs if j.key not in done_keys]
         result = GenerateResult(store.root, len(jobs), 0, len(jobs) - len(todo), 0.0, repair=report)
         if todo:
             _run_jobs(store, adapter, guider, spec, config, todo, batch_size, max_model_batch, result, console,
-                      progress)
+                      progress, latents)
         return result
     finally:
         if store is not None:
@@ -254,7 +291,7 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider, report: RepairRepo
     # Only an identical request may reuse the stored resolution of defaults (steps, dtype, size, ...).
     if config is None or stored is None or stored.generation() != spec.generation():
         return None
-    jobs = plan(spec.prompts, spec.seeds, config)
+    jobs = plan_pairs(spec.pairs(), config)
     done = store.keys()
     if not all(j.key in done for j in jobs):
         return None
@@ -263,7 +300,7 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider, report: RepairRepo
 
 def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunSpec, config: dict[str, Any],
               todo: list[Job], batch_size: int, max_model_batch: int | None, result: GenerateResult,
-              console: Console, progress: bool) -> None:
+              console: Console, progress: bool, latents: InitialLatents | None = None) -> None:
     from .sampling import sample
 
     provenance = {
@@ -274,6 +311,8 @@ def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunS
         "batch_size": batch_size,
         "max_model_batch": max_model_batch,
         "prompt_source": spec.prompt_source,
+        **({"initial_latents_file": latents.path} if latents is not None else {}),
+        **({"seed_source": spec.seed_source.model_dump(mode="json")} if spec.seed_source is not None else {}),
         "versions": library_versions(IMAGE_PACKAGES, python=True),
     }
     sampler = config["sampler"]
@@ -309,7 +348,8 @@ def _run_jobs(store: RunStore, adapter: ModelAdapter, guider: Guider, spec: RunS
         for batch in batches(todo, guider, batch_size):
             out = sample(adapter, guider, [j.prompt for j in batch], [j.seed for j in batch], steps=sampler["steps"],
                          height=sampler["height"], width=sampler["width"],
-                         generator_device=sampler["generator_device"], max_model_batch=max_model_batch)
+                         generator_device=sampler["generator_device"], max_model_batch=max_model_batch,
+                         latents=None if latents is None else latents.stack([j.seed for j in batch]))
             truncated = list(out.truncated) or [False] * len(batch)
             records = list(out.records) or [{} for _ in batch]
             for job, was_truncated in zip(batch, truncated, strict=True):

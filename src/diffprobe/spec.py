@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from .errors import InputError
 
@@ -27,6 +27,37 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts signed 64-bit seeds
 MAX_SIZE = 16_384  # pixels per side; far beyond any released checkpoint, and a typo's 10**9 fails at once
 
 
+class LoraSpec(BaseModel):
+    """A LoRA adapter applied at generation: a local folder or file, or a hub id, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1)
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, scale: float) -> float:
+        if not math.isfinite(scale):
+            raise ValueError(f"a LoRA scale must be a finite number (got {scale})")
+        return scale
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``DIR_OR_HUB_ID`` or ``DIR_OR_HUB_ID:SCALE`` (the scale is the part after the last colon when it is a
+    number)."""
+    text = text.strip()
+    source, sep, tail = text.rpartition(":")
+    if sep and source:
+        try:
+            return LoraSpec(source=source, scale=float(tail))
+        except ValueError:
+            pass
+    if not text:
+        raise InputError("empty --lora; give a LoRA folder, file or hub id, optionally with :SCALE")
+    return LoraSpec(source=text)
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,6 +65,24 @@ class ModelSpec(BaseModel):
     family: str | None = None  # None: detected from the model's config
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU
     device: str | None = None  # None: cuda > mps > cpu (not part of the job key)
+    lora: tuple[LoraSpec, ...] = ()  # LoRA adapters applied in this order (left out of dumps when there is none)
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_strings(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return tuple(parse_lora(v) if isinstance(v, str) else v for v in value)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_empty_lora(self, handler):
+        # A model without LoRA dumps exactly as before the field existed: same stored specs, same default run dirs.
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("lora"):
+            data.pop("lora", None)
+        return data
 
 
 class SamplerSpec(BaseModel):
@@ -44,6 +93,24 @@ class SamplerSpec(BaseModel):
     height: int | None = Field(None, ge=8, le=MAX_SIZE)  # None: the model's default size
     width: int | None = Field(None, ge=8, le=MAX_SIZE)
     generator_device: GeneratorDevice = "cpu"
+    # A safetensors file of starting noise, one tensor per seed (named by the seed): used instead of the seeded
+    # generator. Its content hash enters every job key.
+    initial_latents: str | None = None
+
+
+class SeedSource(BaseModel):
+    """How per-prompt seeds were chosen (``--seeds reliable:FILE[:K]``), for the record; ``requires`` holds the
+    resolved settings (``model``, ``sampler.height``, ...) the seeds were found with, which the run must match."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["reliable"] = "reliable"
+    file: str
+    sha256: str
+    k: int = Field(1, ge=1)
+    rng_seed: int = 0
+    stored_latents: bool = False
+    requires: dict[str, Any] = Field(default_factory=dict)
 
 
 class GuidanceSpec(BaseModel):
@@ -74,6 +141,9 @@ class RunSpec(BaseModel):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     guidance: GuidanceSpec = Field(default_factory=GuidanceSpec)
     prompt_source: str | None = None  # where the prompts came from (file or suite name), for the record
+    # Seeds per prompt instead of the prompt x seed grid (then ``seeds`` is their union), and how they were chosen.
+    prompt_seeds: dict[str, list[int]] | None = None
+    seed_source: SeedSource | None = None
 
     @field_validator("prompts")
     @classmethod
@@ -88,11 +158,26 @@ class RunSpec(BaseModel):
         check_seeds(seeds)
         return seeds
 
+    @field_validator("prompt_seeds")
+    @classmethod
+    def _prompt_seeds_ok(cls, table: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        for seeds in (table or {}).values():
+            check_seeds(seeds)
+        return table
+
+    def pairs(self) -> list[tuple[str, int]]:
+        """Every (prompt, seed) job, prompt-major: the grid, or each prompt's own seeds."""
+        if self.prompt_seeds is None:
+            return [(p, s) for p in self.prompts for s in self.seeds]
+        return [(p, s) for p in self.prompts for s in self.prompt_seeds.get(p, [])]
+
     def generation(self) -> dict[str, Any]:
         """The settings that must match for two specs to share a run (everything but prompts and seeds)."""
+        # initial_latents only when set, so the settings (and default run folders) of other runs stay as they were
+        unset = {"initial_latents"} if self.sampler.initial_latents is None else set()
         return {
             "model": self.model.model_dump(exclude={"device"}),
-            "sampler": self.sampler.model_dump(),
+            "sampler": self.sampler.model_dump(exclude=unset),
             "guidance": self.guidance.model_dump(),
         }
 
@@ -212,6 +297,7 @@ def _named_seeds(name: str, n: int | None) -> list[int]:
 SPEC_KEYS = {"model", "prompts", "seeds", "sampler", "guidance"}
 # The flag that sets each field, for messages about values that came from the command line.
 FLAGS = {"model.name": "--model", "model.family": "--family", "model.dtype": "--dtype", "model.device": "--device",
+         "model.lora": "--lora",
          "sampler.steps": "--steps", "sampler.scheduler": "--scheduler", "sampler.height": "--height",
          "sampler.width": "--width", "sampler.generator_device": "--generator-device", "guidance.name": "--guidance"}
 
@@ -253,6 +339,9 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise error("'seeds' must be a list of integers or a string like 0-19")
         check_seeds(seeds)
+    elif (isinstance(seeds, str) and seeds.startswith(RELIABLE_PREFIX)) or (isinstance(seeds, Mapping)
+                                                                             and "reliable" in seeds):
+        return _reliable_spec(data, items, dropped, source, spec_file)
     elif isinstance(seeds, str | int) and not isinstance(seeds, bool):
         seeds = parse_seeds(str(seeds))
     else:
@@ -275,6 +364,20 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
         flag = FLAGS.get(where)
         raise error(f"bad value {_short(first.get('input'))} for {flag}: {msg}" if flag else msg) from None
     return spec, items, dropped
+
+
+RELIABLE_PREFIX = "reliable:"
+
+
+def _reliable_spec(data: Mapping[str, Any], items: list[Prompt], dropped: int, source: str | None,
+                   spec_file: Path | None) -> tuple[RunSpec, list[Prompt], int]:
+    """The spec for ``seeds: reliable:FILE[:K]`` (or the mapping ``{reliable: FILE, k: K, rng_seed: R,
+    stored_latents: bool}``): each prompt's seeds are drawn from the mined top seeds of its own category."""
+    from .seeds.reliable import reliable_request, reliable_spec
+
+    request = reliable_request(data["seeds"], base=spec_file.parent if spec_file is not None else None)
+    grid, _, _ = build_spec({**data, "seeds": "0"}, spec_file=spec_file)
+    return reliable_spec(grid.model_copy(update={"prompt_source": source}), items, request), items, dropped
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -461,14 +461,24 @@ class RunStore:
                                    "another --out, or --new to move the old run aside")
         new_prompts = [p for p in spec.prompts if p not in set(stored.prompts)]
         new_seeds = [s for s in spec.seeds if s not in set(stored.seeds)]
-        if not (new_prompts or new_seeds):
+        per_prompt = spec.prompt_seeds is not None or stored.prompt_seeds is not None
+        if per_prompt:  # each prompt its own seeds: compare the (prompt, seed) jobs themselves
+            new_pairs = [pair for pair in spec.pairs() if pair not in set(stored.pairs())]
+            if not new_pairs:
+                return
+        elif not (new_prompts or new_seeds):
             return
         if not extend:
             raise RunMismatchError(f"{self.root} holds a run with other prompts/seeds ({len(new_prompts)} new "
                                    f"prompt(s), {len(new_seeds)} new seed(s)); pass --extend to add them to it, "
                                    "--new to start over, or use another --out")
-        union = stored.model_copy(update={"prompts": stored.prompts + new_prompts,
-                                          "seeds": stored.seeds + new_seeds})
+        update: dict[str, Any] = {"prompts": stored.prompts + new_prompts, "seeds": stored.seeds + new_seeds}
+        if per_prompt:
+            table: dict[str, list[int]] = {}
+            for p, s in stored.pairs() + new_pairs:
+                table.setdefault(p, []).append(s)
+            update["prompt_seeds"] = table
+        union = stored.model_copy(update=update)
         self.set_meta("spec", union.model_dump(mode="json"))
 
     def check_config(self, config: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from rich.console import Console
 from ..console import message
 from ..errors import InputError, check_writable
 from ..prompts import Prompt
-from ..spec import RunSpec, build_spec, canonical_json, load_spec_file
+from ..spec import RELIABLE_PREFIX, RunSpec, build_spec, canonical_json, load_spec_file, parse_lora
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -39,20 +39,29 @@ def spec_from_flags(*, model: str, family: str | None, dtype: str | None, device
                     prompts_file: str | None, seeds: str, steps: int | None, scheduler: str | None,
                     height: int | None, width: int | None, generator_device: str, guidance: str,
                     scale: float | None, guidance_param: list[str],
-                    concepts: str | None) -> tuple[RunSpec, list[Prompt], int]:
+                    concepts: str | None, use_stored_latents: bool = False, reliable_rng: int | None = None,
+                    lora: list[str] | None = None) -> tuple[RunSpec, list[Prompt], int]:
     """The RunSpec for the CLI flags, the prompts with their metadata, and how many repeated prompts were dropped
     (the flags become a spec file's mapping, and the spec file's builder makes the spec)."""
     if prompt and prompts_file:
         raise InputError("give either --prompt (repeatable) or --prompts FILE, not both")
+    seed_value: str | dict[str, Any] = seeds
+    if seeds.strip().startswith(RELIABLE_PREFIX):
+        seed_value = {"reliable": seeds.strip().removeprefix(RELIABLE_PREFIX), "stored_latents": use_stored_latents,
+                      **({"rng_seed": reliable_rng} if reliable_rng is not None else {})}
+    elif use_stored_latents or reliable_rng is not None:
+        raise InputError(f"{'--use-stored-latents' if use_stored_latents else '--reliable-rng'} needs "
+                         "--seeds reliable:FILE[:K] (a file made by 'diffprobe seeds mine')")
     params = parse_params(guidance_param)
     if scale is not None:
         params.setdefault("scale", scale)
     if concepts is not None:
         params.update(_concept_params(concepts))
     return build_spec({
-        "model": {"name": model, "family": family, "dtype": dtype, "device": device},
+        "model": {"name": model, "family": family, "dtype": dtype, "device": device,
+                  **({"lora": [parse_lora(x) for x in lora]} if lora else {})},
         "prompts": prompt or prompts_file,
-        "seeds": seeds,
+        "seeds": seed_value,
         "sampler": {"steps": steps, "scheduler": scheduler, "height": height, "width": width,
                     "generator_device": generator_device},
         "guidance": {"name": guidance, "params": params},
@@ -73,6 +82,8 @@ def default_out(spec: RunSpec) -> Path:
     """``runs/<model>-<hash>``: the same command always lands in the same run, so it resumes."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(spec.model.name).name or spec.model.name).strip("-") or "model"
     what = {**spec.generation(), "prompts": spec.prompts, "seeds": spec.seeds}
+    if spec.prompt_seeds is not None:
+        what["prompt_seeds"] = spec.prompt_seeds
     digest = hashlib.sha256(canonical_json(what).encode())
     return Path("runs") / f"{slug}-{digest.hexdigest()[:8]}"
 
@@ -85,8 +96,15 @@ def register(app: typer.Typer) -> None:
         prompts: str | None = typer.Option(
             None, "--prompts", help="Prompt file (.txt one per line, .csv/.tsv/.jsonl/.json with a 'prompt' column, "
             "Comp90 objects_<split>.txt) or a built-in suite: scs100, scs100-monet-sdxl, scs100-monet-lora, cc500, "
-            "shapes-<split>[-<category>]."),
-        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds: 0-19, 1,5,9, @FILE, or scs100[:N]."),
+            "shapes-<split>[-<category>], comp90-<numerical|spatial>-<split>:PATH (a Comp90 prompt_dataset/ "
+            "folder; splits mining, train, eval)."),
+        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds: 0-19, 1,5,9, @FILE, scs100[:N], or "
+                                  "reliable:FILE[:K] (K seeds per prompt from the mined top seeds of its category)."),
+        use_stored_latents: bool = typer.Option(False, "--use-stored-latents", help="With reliable:FILE: start from "
+                                                "the initial latents stored with the seeds (works for another model "
+                                                "or generator device)."),
+        reliable_rng: int | None = typer.Option(None, "--reliable-rng", help="With reliable:FILE: the RNG seed of "
+                                                "the draw among the top seeds (default 77; recorded)."),
         steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: the model's, else 50)."),
         scheduler: str | None = typer.Option(None, "--scheduler", help="default (the checkpoint's), ddim, "
                                              "dpmpp-2m or euler."),
@@ -104,6 +122,8 @@ def register(app: typer.Typer) -> None:
                                        "depends only on its seed)."),
         max_model_batch: int | None = typer.Option(None, "--max-model-batch", help="Most rows (images x guidance "
                                                    "branches) per denoiser call (default: all; halved on GPU OOM)."),
+        lora: list[str] = typer.Option([], "--lora", help="LoRA adapter DIR, FILE or HUB_ID, optionally :SCALE "
+                                       "(repeatable; sd, sdxl). Its identity and scale key the images."),
         family: str | None = typer.Option(None, "--family", help="Override detection: sd, sdxl, pixart."),
         dtype: str | None = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 CPU)."),
         device: str | None = typer.Option(None, "--device", help="cuda, mps, cpu (default: the best available)."),
@@ -128,8 +148,9 @@ def register(app: typer.Typer) -> None:
                      "--guidance": guidance != "cfg", "--scale": scale is not None,
                      "--guidance-param": bool(guidance_param),
                      "--concepts": concepts is not None, "--height": height is not None, "--width": width is not None,
-                     "--family": family is not None, "--dtype": dtype is not None,
-                     "--generator-device": generator_device != "cpu"}
+                     "--family": family is not None, "--dtype": dtype is not None, "--lora": bool(lora),
+                     "--generator-device": generator_device != "cpu", "--use-stored-latents": use_stored_latents,
+                     "--reliable-rng": reliable_rng is not None}
             if clash := [flag for flag, given in flags.items() if given]:
                 raise InputError(f"--spec cannot be combined with {', '.join(clash)}; set them in the spec file")
             spec, items, dropped = load_spec_file(spec_file)
@@ -140,7 +161,7 @@ def register(app: typer.Typer) -> None:
                 model=model, family=family, dtype=dtype, device=device, prompt=prompt, prompts_file=prompts,
                 seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
                 generator_device=generator_device, guidance=guidance, scale=scale, guidance_param=guidance_param,
-                concepts=concepts)
+                concepts=concepts, use_stored_latents=use_stored_latents, reliable_rng=reliable_rng, lora=lora)
         if dropped:
             console.print(f"note: {dropped} repeated prompt(s) appear once in the run", highlight=False)
         if new and extend:

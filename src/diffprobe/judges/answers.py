@@ -1,6 +1,6 @@
-"""Reading a VLM's free-text answer: a strict parser (the default) and the reliable-seeds code's substring rule.
+"""Reading a VLM's free-text answer: a strict parser (the default) and the reliable-seeds code's two rules.
 
-Two parsers share one interface, so one judge can use either (``get_parser(name)``):
+Three parsers share one interface, so one judge can use any of them (``get_parser(name)``):
 
 * ``strict`` (default) -- :func:`parse_count` reads *the* count of an answer with word boundaries: number words
   zero..twenty, digits, "no <noun>"/"none" -> 0, "a single"/"one" -> 1, "a"/"an" -> 1 where it is the count
@@ -15,7 +15,11 @@ Two parsers share one interface, so one judge can use either (``get_parser(name)
   incorrect for an expected count, never "unparsed". The official code has no yes/no rule (its spatial pipeline is
   not published), so this parser's yes/no reading is the strict one.
 
-Both expose ``count_verdict(answer, expected) -> AnswerVerdict`` and ``yes_no_verdict(answer, expected)``:
+* ``rrs-eval`` -- parity with the official reliable-seeds *evaluation* (``final_evaluation.py``, spec section 5):
+  a list of regexes read one number (:func:`parse_count_rrs_eval`), correct iff it equals the expected count; an
+  answer without a number is wrong there, so here too.
+
+All expose ``count_verdict(answer, expected) -> AnswerVerdict`` and ``yes_no_verdict(answer, expected)``:
 ``correct`` is True/False, or None where the answer is unparsed; ``parsed`` is what was read (the strict count or
 yes/no; for the substring rule the expected count when it matched, else None).
 """
@@ -187,7 +191,52 @@ class SubstringParser:
         return _yes_no(answer, expected)
 
 
-PARSERS: dict[str, Parser] = {"strict": StrictParser(), "rrs-substring": SubstringParser()}
+# The official evaluation's number: a digit run or a word one..ten, matched without word boundaries.
+_RRS_NUMBER = r"(\d+|one|two|three|four|five|six|seven|eight|nine|ten)"
+_RRS_EVAL_RULES = tuple(re.compile(rule) for rule in (
+    rf"there (?:are|is) {_RRS_NUMBER}",
+    rf"{_RRS_NUMBER} .+ in the image",
+    rf"the image shows {_RRS_NUMBER}",
+    _RRS_NUMBER,  # anywhere
+))
+
+
+def parse_count_rrs_eval(text: str) -> int | None:
+    """The count the reliable-seeds evaluation reads (``final_evaluation.extract_number_from_response``): the
+    first of its rules that matches the lower-cased answer gives the number, without word boundaries ("None" reads
+    1 through "one", "sixteen" 6, "2D" 2, "two groups of three" 2). Its rule "I can see N" is written with a
+    capital I and matched against lower-cased text, so it never fires (the last rule reads such answers anyway).
+    With no number at all: 0 where the answer holds "no" and "object" or "item" (substrings), else None."""
+    lower = text.lower()
+    for rule in _RRS_EVAL_RULES:
+        if m := rule.search(lower):
+            word = m.group(1)
+            return NUMBER_WORDS[word] if word in NUMBER_WORDS else int(word)
+    if "no" in lower and ("object" in lower or "item" in lower):
+        return 0
+    return None
+
+
+class EvalRegexParser:
+    """``rrs-eval``: the official reliable-seeds *evaluation* rule (spec ``reliable_seeds.md`` section 5), unlike
+    mining's substring rule: read one number with :func:`parse_count_rrs_eval`; correct iff it equals the
+    expected count. An answer with no number is wrong, as the official evaluation counts it (never "unparsed").
+    Yes/no: the strict rule (no official one)."""
+
+    name = "rrs-eval"
+
+    def count_verdict(self, answer: str, expected: int) -> AnswerVerdict:
+        n = parse_count_rrs_eval(answer)
+        if n is None:
+            return AnswerVerdict(False, None, "no number in the answer (the official evaluation counts it wrong)")
+        return AnswerVerdict(n == expected, n, f"read {n}, expected {expected}")
+
+    def yes_no_verdict(self, answer: str, expected: bool = True) -> AnswerVerdict:
+        return _yes_no(answer, expected)
+
+
+PARSERS: dict[str, Parser] = {"strict": StrictParser(), "rrs-substring": SubstringParser(),
+                              "rrs-eval": EvalRegexParser()}
 DEFAULT_PARSER = "strict"
 
 
@@ -197,5 +246,5 @@ def get_parser(name: str = DEFAULT_PARSER) -> Parser:
     return PARSERS[name]
 
 
-__all__ = ["AnswerVerdict", "DEFAULT_PARSER", "NUMBER_WORDS", "PARSERS", "Parser", "StrictParser",
-           "SubstringParser", "get_parser", "parse_count", "parse_yes_no"]
+__all__ = ["AnswerVerdict", "DEFAULT_PARSER", "EvalRegexParser", "NUMBER_WORDS", "PARSERS", "Parser", "StrictParser",
+           "SubstringParser", "get_parser", "parse_count", "parse_count_rrs_eval", "parse_yes_no"]

@@ -21,11 +21,14 @@ RELATION_WORDS = {"left_of": "to the left of", "right_of": "to the right of", "a
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """An object: a noun with optional colour and size; ``None`` means "any"."""
+    """An object: a noun with optional colour and size; ``None`` means "any". ``plural`` is the noun's plural
+    where the prompt's source knows it (Comp90 object files list it: "mouse, a mouse, mice"); judges that ask in
+    words read it through :func:`diffprobe.judges.questions.plural_of`."""
 
     noun: str
     color: str | None = None
     size: str | None = None
+    plural: str | None = None
 
     def __str__(self) -> str:
         return " ".join(w for w in (self.size, self.color, self.noun) if w)
@@ -71,6 +74,19 @@ class Judge(ABC):
         """What keys this judge's stored verdicts: a judge whose answers could differ (another model, prompt
         template, answer parser or decoding parameters) must return a different identity. Default: its name."""
         return {"name": self.name}
+
+    def check(self) -> None:
+        """Fail early, before any work, when the judge cannot answer (a server that is down). Default: nothing."""
+        return None
+
+    def close(self) -> None:
+        """Release what the judge holds (connections, models). Default: nothing."""
+        return None
+
+    def supports(self, question: Question) -> str | None:
+        """Why this judge cannot judge ``question`` (a detector without a CLIP cannot read colours), or None when it
+        can. ``diffprobe judge`` skips such questions with this reason; it never counts them as wrong."""
+        return None
 
     def judge_many(self, images: list[Image.Image], questions: list[Question]) -> list[Verdict]:
         from ..errors import InputError

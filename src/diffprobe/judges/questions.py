@@ -21,6 +21,7 @@ prompt used is kept in ``meta["relation_phrase"]``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,26 @@ def _comp90_count(meta: Mapping[str, Any], where: str, text: str) -> Question:
         raise InputError(f"{where}: 'object' must be a non-empty string")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise InputError(f"{where}: 'count' must be a non-negative integer, got {count!r}")
-    return Question("count", (ObjectSpec(obj.strip()),), count=count, text=text)
+    plural = meta.get("plural")
+    if plural is not None and (not isinstance(plural, str) or not plural.strip()):
+        raise InputError(f"{where}: 'plural' must be a non-empty string, got {plural!r}")
+    return Question("count", (ObjectSpec(obj.strip(), plural=plural.strip() if plural else None),), count=count,
+                    text=text)
+
+
+@functools.lru_cache(maxsize=1)
+def _inflect_engine() -> Any:
+    import inflect
+
+    return inflect.engine()
+
+
+def plural_of(obj: ObjectSpec) -> str:
+    """The object in the plural, with its size and colour: ``"big red circles"``, ``"apples"``, ``"mice"``.
+    The noun's plural is ``obj.plural`` where the prompt's source gave one (Comp90 object files do), else
+    ``inflect``'s plural of the noun."""
+    plural = obj.plural or _inflect_engine().plural_noun(obj.noun) or obj.noun
+    return " ".join(w for w in (obj.size, obj.color, plural) if w)
 
 
 def object_spec(phrase: str) -> ObjectSpec | None:
@@ -138,17 +158,18 @@ def _objects(value: Any, where: str) -> tuple[ObjectSpec, ...]:
                 raise InputError(f"{where}: 'objects'[{i}] {item!r} is not '[size] [attribute] <noun>'; "
                                  "give it as {\"noun\": ..., \"color\": ..., \"size\": ...}")
         elif isinstance(item, Mapping):
-            extra = sorted(set(item) - {"noun", "color", "size"})
+            extra = sorted(set(item) - {"noun", "color", "size", "plural"})
             if extra:
                 raise InputError(f"{where}: 'objects'[{i}] has unknown key(s) {', '.join(extra)}; "
-                                 "use noun, color, size")
+                                 "use noun, color, size, plural")
             noun = item.get("noun")
             if not isinstance(noun, str) or not noun.strip():
                 raise InputError(f"{where}: 'objects'[{i}] needs a non-empty string 'noun'")
-            for key in ("color", "size"):
+            for key in ("color", "size", "plural"):
                 if item.get(key) is not None and not isinstance(item[key], str):
                     raise InputError(f"{where}: 'objects'[{i}].{key} must be a string or null")
-            spec = ObjectSpec(noun.strip(), item.get("color") or None, item.get("size") or None)
+            spec = ObjectSpec(noun.strip(), item.get("color") or None, item.get("size") or None,
+                              (item.get("plural") or "").strip() or None)
         else:
             raise InputError(f"{where}: 'objects'[{i}] must be a string or an object with a 'noun'")
         specs.append(spec)
@@ -188,8 +209,13 @@ def question_from_fields(fields: Mapping[str, Any], where: str, text: str = "") 
 
 def question_dict(q: Question) -> dict[str, Any]:
     """The dict form kept in ``Prompt.meta["question"]`` (JSON-ready; :func:`question_for` reads it back)."""
-    return {"kind": q.kind, "objects": [{"noun": o.noun, "color": o.color, "size": o.size} for o in q.objects],
+    return {"kind": q.kind, "objects": [_object_dict(o) for o in q.objects],
             "count": q.count, "relation": q.relation, "text": q.text}
+
+
+def _object_dict(o: ObjectSpec) -> dict[str, Any]:
+    """An object's dict form; ``plural`` only where it is known, so questions without one keep their keys."""
+    return {"noun": o.noun, "color": o.color, "size": o.size, **({"plural": o.plural} if o.plural else {})}
 
 
 def parse_spatial(text: str) -> tuple[Question, str, str | None] | None:
@@ -256,5 +282,5 @@ def read_question_prompts(path: str | Path) -> list[Prompt]:
     return out
 
 
-__all__ = ["RELATION_PHRASES", "object_spec", "parse_spatial", "question_dict", "question_for",
+__all__ = ["RELATION_PHRASES", "object_spec", "parse_spatial", "plural_of", "question_dict", "question_for",
            "question_from_fields", "read_question_prompts", "read_spatial_prompts"]

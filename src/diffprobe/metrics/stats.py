@@ -41,6 +41,27 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, mid - half), min(1.0, mid + half))
 
 
+def cohen_kappa(confusion: Sequence[Sequence[int]] | np.ndarray) -> float | None:
+    """Cohen's kappa of two raters from their K x K confusion table (rows: rater A's label, columns: B's).
+
+    kappa = (p_o - p_e) / (1 - p_e), with p_o the fraction of items on the diagonal and p_e the agreement expected
+    by chance from the two raters' marginals, sum_k (row_k / n) (col_k / n). None where it is undefined: no items,
+    or both raters gave every item one and the same label (p_e = 1)."""
+    m = np.asarray(confusion, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise InputError(f"a confusion table must be square, got shape {m.shape}")
+    if (m < 0).any():
+        raise InputError("a confusion table holds counts; it has a negative entry")
+    n = m.sum()
+    if n == 0:
+        return None
+    p_o = np.trace(m) / n
+    p_e = float((m.sum(axis=1) / n) @ (m.sum(axis=0) / n))
+    if math.isclose(p_e, 1.0):
+        return None
+    return float((p_o - p_e) / (1 - p_e))
+
+
 SCORE_KEYS = {"scs": "scs", "clip_score": "clip_score"}  # metric -> the per-prompt row's score field
 ALPHA = 0.05  # the significance level the small-sample warning refers to
 

@@ -34,6 +34,7 @@ class DiffusersAdapter(ModelAdapter):
         self.weights = weights  # revision or weights hash, from the loader
         self.recommended: Recommended = {}  # set by the loader from the checkpoint's diffprobe.json
         self.scheduler_name = "default"
+        self.loras: list[dict[str, Any]] = []  # identities of the LoRA adapters applied (set by the loader)
         self.device = pipe.device
         self.dtype = getattr(pipe, self.denoiser_attr).dtype
         self.scheduler = pipe.scheduler
@@ -98,7 +99,9 @@ class DiffusersAdapter(ModelAdapter):
         return [Image.fromarray(x) for x in (arr * 255).round().astype(np.uint8)]
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": self.family, **self.weights}
+        # LoRA adapters only when there are some: a model without them keeps the job keys it always had.
+        extra = {"lora": self.loras} if self.loras else {}
+        return {"model": self.model_id, "family": self.family, **self.weights, **extra}
 
 
 def _latent_grid(height: int, width: int, factor: int) -> tuple[int, int]:
@@ -121,8 +124,10 @@ class SDAdapter(DiffusersAdapter):
         emb = encoder(ids.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
         return Conditioning({"prompt_embeds": emb}, truncated=truncated, tokens=tokens)
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.denoiser(latents, t, encoder_hidden_states=cond.tensors["prompt_embeds"], return_dict=False)[0]
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                denoiser: torch.nn.Module | None = None) -> torch.Tensor:
+        return (denoiser or self.denoiser)(latents, t, encoder_hidden_states=cond.tensors["prompt_embeds"],
+                                           return_dict=False)[0]
 
     def attention_layers(self, height: int, width: int) -> list[AttentionLayer]:
         return unet_attention_layers(self.denoiser, *_latent_grid(height, width, self.vae_scale_factor))
@@ -159,12 +164,13 @@ class SDXLAdapter(SDAdapter):
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return Conditioning({"prompt_embeds": emb, "pooled": pooled}, truncated=truncated, tokens=tokens or [])
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                denoiser: torch.nn.Module | None = None) -> torch.Tensor:
         h, w = (s * self.vae_scale_factor for s in latents.shape[-2:])
         # original size, crop top-left, target size: as the pipeline's defaults for an uncropped h x w image
         time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=self.dtype, device=latents.device).repeat(len(latents), 1)
         added = {"text_embeds": cond.tensors["pooled"], "time_ids": time_ids}
-        return self.denoiser(
+        return (denoiser or self.denoiser)(
             latents, t, encoder_hidden_states=cond.tensors["prompt_embeds"], added_cond_kwargs=added, return_dict=False
         )[0]
 
@@ -187,7 +193,8 @@ class PixArtAdapter(DiffusersAdapter):
         emb = self.pipe.text_encoder(ids.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
         return Conditioning({"prompt_embeds": emb, "attention_mask": mask}, truncated=truncated, tokens=tokens)
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                denoiser: torch.nn.Module | None = None) -> torch.Tensor:
         n = len(latents)
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if self.denoiser.config.sample_size == 128:  # the 1024 px checkpoints take size micro-conditions
@@ -196,8 +203,10 @@ class PixArtAdapter(DiffusersAdapter):
                 "resolution": torch.tensor([[h, w]], dtype=self.dtype, device=latents.device).repeat(n, 1),
                 "aspect_ratio": torch.tensor([[h / w]], dtype=self.dtype, device=latents.device).repeat(n, 1),
             }
-        timestep = (t if torch.is_tensor(t) else torch.tensor(t)).reshape(-1)[:1].to(latents.device).expand(n)
-        out = self.denoiser(
+        timestep = (t if torch.is_tensor(t) else torch.tensor(t)).reshape(-1).to(latents.device)
+        if len(timestep) != n:  # sampling: one timestep for the batch; training: one per latent
+            timestep = timestep[:1].expand(n)
+        out = (denoiser or self.denoiser)(
             latents,
             encoder_hidden_states=cond.tensors["prompt_embeds"],
             encoder_attention_mask=cond.tensors["attention_mask"],

@@ -79,8 +79,12 @@ class ModelAdapter(ABC):
     def encode(self, texts: list[str]) -> Conditioning: ...
 
     @abstractmethod
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One batched denoiser call; returns the raw model output (eps or v), same shape as ``latents``."""
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                denoiser: torch.nn.Module | None = None) -> torch.Tensor:
+        """One batched denoiser call; returns the raw model output (eps or v), same shape as ``latents``.
+
+        ``t``: one timestep, or one per latent. ``denoiser`` replaces :attr:`denoiser` for this call (training
+        calls it wrapped for several GPUs)."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> list[Image.Image]: ...

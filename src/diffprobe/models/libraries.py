@@ -24,7 +24,8 @@ _NOISE = re.compile(
     r"requires torchvision|falling back to `\w+Pil`"  # image processors of components diffprobe does not use
     r"|is deprecated|will be removed|deprecat"  # the libraries' API changes, not the user's concern
     r"|are not expected by|are not expected and will be ignored|will be ignored"  # unused config keys
-    r"|safety checker",  # diffprobe loads SD without the safety checker on purpose
+    r"|safety checker"  # diffprobe loads SD without the safety checker on purpose
+    r"|No LoRA keys associated to",  # a LoRA of the denoiser only, loaded into a pipeline with text encoders
     re.IGNORECASE,
 )
 

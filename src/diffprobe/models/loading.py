@@ -8,6 +8,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ..errors import InputError, ModelNotFoundError
 from .adapters import ADAPTERS, DiffusersAdapter
 from .base import Recommended
 from .libraries import quiet_libraries
+from .lora import apply_loras
 from .registry import available_models, registered_folder
 
 PIPELINE_CLASSES = {
@@ -304,13 +306,15 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     scheduler: str | None = None,
+    lora: Sequence[Any] = (),
 ) -> DiffusersAdapter:
     """Load a checkpoint once and wrap it in its family's adapter.
 
     ``name_or_path``: a built-in model (``"shapes"``), a local diffusers folder or a hub id. ``family`` overrides
     detection from the folder's pipeline class (for a pipeline class diffprobe does not know). Every mistake
     (broken folder, unknown option, missing device) raises a :class:`~diffprobe.errors.DiffprobeError` before
-    any weights are read.
+    any weights are read. ``lora``: LoRA adapters (``LoraSpec``: source and scale) applied on top; they enter
+    the adapter's identity, so they key its images.
     """
     if family is not None and family not in ADAPTERS:
         raise InputError(f"unknown family {family!r}; choose one of: {', '.join(ADAPTERS)}")
@@ -339,6 +343,7 @@ def load_model(
     local = None if registered_folder(name_or_path) else local_folder(name_or_path)
     model_id = str(local.resolve()) if local is not None else name_or_path
     adapter = ADAPTERS[family](pipe, model_id, family, weights)
+    adapter.loras = apply_loras(pipe, lora)
     adapter.scheduler_name = scheduler or "default"
     adapter.recommended = recommended
     return adapter

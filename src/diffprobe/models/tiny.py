@@ -244,3 +244,97 @@ def build_tiny_pixart(path: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def build_tiny_owl(path: str | Path, version: str = "owlvit", seed: int = 0, image_size: int = 64) -> Path:
+    """A tiny random OWL-ViT (``version="owlvit"``) or OWLv2 (``"owlv2"``) detector with its processor, saved with
+    save_pretrained so that ``AutoProcessor`` and ``AutoModelForZeroShotObjectDetection`` load it from ``path``.
+    Its vision tower sees ``image_size`` pixels in 16-pixel patches: (image_size / 16)^2 boxes per image."""
+    import transformers
+    from transformers import CLIPTokenizer
+
+    if version not in ("owlvit", "owlv2"):
+        raise ValueError(f"unknown OWL version {version!r}; use owlvit or owlv2")
+    prefix = "OwlViT" if version == "owlvit" else "Owlv2"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # OWL treats a query whose first token id is 0 as padding, so the special tokens come after the characters.
+    vocab = {}
+    for ch in _BYTE_CHARS:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=32,
+                              pad_token="!")  # OWL pads with id 0
+    eos = vocab["<|endoftext|>"]
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=eos - 1,
+                         eos_token_id=eos, pad_token_id=0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=16),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    getattr(transformers, f"{prefix}ForObjectDetection")(config).save_pretrained(path)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        size={"height": image_size, "width": image_size})
+    getattr(transformers, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+        path)
+    return path
+
+
+def build_tiny_grounding_dino(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Grounding DINO (Swin backbone, BERT text tower, 10 queries) with a word-level BERT tokenizer of a
+    few nouns, saved with save_pretrained for ``AutoProcessor`` and ``AutoModelForZeroShotObjectDetection``."""
+    import transformers
+    from transformers import BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "photo", "of", "cat", "dog", "circle", "square",
+             "triangle", "apple", "red", "blue"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    config = GroundingDinoConfig(
+        backbone_config=dict(model_type="swin", embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2,
+                             image_size=32, patch_size=4, out_features=["stage1", "stage2"], out_indices=[1, 2]),
+        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64),
+        num_queries=10, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, num_feature_levels=2, encoder_n_points=1,
+        decoder_n_points=1, max_text_len=32,
+    )
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    image_processor = transformers.GroundingDinoImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 48})
+    transformers.GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def sd_shaped_random_pipeline(
+    folder: str | Path,
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128),
+    cross_attention_dim: int = 128,
+    sample_size: int = 32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """SD 1.x's UNet layout (three cross-attention down blocks, a plain one, mid, the mirror image up, two layers per
+    block) at a chosen width, with a small text encoder and a few-channel VAE of factor 8, built in memory (for
+    benchmarks of training at a size a CPU can take). ``folder`` receives the tokenizer files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=sample_size, block_out_channels=block_out_channels,
+                                    cross_attention_dim=cross_attention_dim, attention_head_dim=8,
+                                    norm_num_groups=min(32, block_out_channels[0]))
+        text = CLIPTextModel(_clip_text_config(cross_attention_dim))
+        vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
+                            sample_size=sample_size * 8)
+    return _sd_pipeline(Path(folder), unet, text, vae, _scheduler()).to(device)

@@ -7,6 +7,10 @@ Built-in suites ship as package data with their licences (see ``data/README.md``
 - ``cc500``: CC-500 attribute-binding prompts; each prompt carries the reference ``noun_phrases`` and ``nouns``.
 - ``shapes-<split>``: prompts of the shapes world (``diffprobe.worlds.shapes.prompts(split)``).
 
+Comp90 (the reliable-seeds paper's prompts) carries no licence, so it is not bundled: ``comp90-<kind>-<split>:PATH``
+reads a copy of the official repository's ``prompt_dataset/`` folder at PATH (:data:`COMP90_SUITES`,
+:func:`load_comp90`).
+
 Every loader returns ``list[Prompt]``: the text plus whatever else the source knows about it (``meta``).
 """
 
@@ -203,8 +207,65 @@ def comp90_numerical(objects: Sequence[Comp90Object], backgrounds: Sequence[str]
                 if count not in COUNT_WORDS:
                     raise InputError(f"count {count} has no number word; use counts 1..10")
                 prompts.append(Prompt(f"{COUNT_WORDS[count]} {obj.plural}, {background}",
-                                      {"count": count, "object": obj.singular, "background": background}))
+                                      {"count": count, "object": obj.singular, "plural": obj.plural,
+                                       "background": background}))
     return prompts
+
+
+# Comp90 suites over a copy of the official repository's ``prompt_dataset/`` folder, with the paper's splits: seed
+# mining uses the first 15 train objects x the first 4 train backgrounds, the fine-tuning data all 60 x 8, and the
+# evaluation the 30 eval objects x 4 eval backgrounds (disjoint from train).
+COMP90_SUITES = {
+    "comp90-numerical-mining": "Comp90 numerical, seed-mining subset: first 15 train objects x first 4 train "
+                               "backgrounds x counts 2-6 (300 prompts)",
+    "comp90-numerical-train": "Comp90 numerical, train: 60 objects x 8 backgrounds x counts 2-6 (2400 prompts)",
+    "comp90-numerical-eval": "Comp90 numerical, eval: 30 objects x 4 backgrounds x counts 2-6 (600 prompts)",
+    "comp90-spatial-train": "Comp90 spatial, train: spatial_prompts_train.txt (4 relations)",
+    "comp90-spatial-eval": "Comp90 spatial, eval: spatial_prompts_eval.txt (4 relations)",
+}
+COMP90_MINING = (15, 4)  # objects, backgrounds
+
+
+def comp90_folder(path: str | Path) -> Path:
+    """The ``prompt_dataset/`` folder at ``path``: the folder itself or a repository copy that holds it."""
+    path = Path(path).expanduser()
+    if (path / "prompt_dataset").is_dir():
+        path = path / "prompt_dataset"
+    if not path.is_dir():
+        raise InputError(f"Comp90 folder {path} does not exist; give the official reliable-seeds repository's "
+                         "prompt_dataset/ folder (it is not bundled: it carries no licence)")
+    return path
+
+
+def _comp90_file(folder: Path, name: str) -> Path:
+    file = folder / name
+    if not file.is_file():
+        raise InputError(f"{folder} has no {name}; give the official reliable-seeds repository's prompt_dataset/ "
+                         "folder")
+    return file
+
+
+def load_comp90(suite: str, path: str | Path) -> list[Prompt]:
+    """A Comp90 suite (:data:`COMP90_SUITES`) read from the user's ``prompt_dataset/`` folder at ``path``.
+    Numerical prompts carry ``count``, ``object`` and ``plural``; spatial prompts their relation question."""
+    if suite not in COMP90_SUITES:
+        raise InputError(f"unknown Comp90 suite {suite!r}; use one of {', '.join(COMP90_SUITES)}")
+    folder = comp90_folder(path)
+    kind, split = suite.split("-")[1:]
+    if kind == "spatial":
+        from ..judges.questions import read_spatial_prompts  # questions builds on this module
+
+        return read_spatial_prompts(_comp90_file(folder, f"spatial_prompts_{split}.txt"))
+    source = "train" if split == "mining" else split
+    objects = read_comp90_objects(_comp90_file(folder, f"objects_{source}.txt"))
+    backgrounds = read_lines(_comp90_file(folder, f"backgrounds_{source}.txt"))
+    if split == "mining":
+        n_objects, n_backgrounds = COMP90_MINING
+        if len(objects) < n_objects or len(backgrounds) < n_backgrounds:
+            raise InputError(f"the mining subset needs {n_objects} train objects and {n_backgrounds} train "
+                             f"backgrounds; {folder} has {len(objects)} and {len(backgrounds)}")
+        objects, backgrounds = objects[:n_objects], backgrounds[:n_backgrounds]
+    return comp90_numerical(objects, backgrounds)
 
 
 # --- built-in suites -------------------------------------------------------------------------------------
@@ -215,6 +276,8 @@ SUITES = {
     "scs100-monet-lora": "SCS paper LoRA experiment: prompts '... in the style of TOK' (Monet LoRA)",
     "cc500": "CC-500 attribute binding, with reference noun phrases (ConceptDiffusion distribution)",
     "shapes-<split>[-<category>]": "shapes world prompts (needs diffprobe.worlds.shapes)",
+    "comp90-<kind>-<split>:PATH": "Comp90 (reliable-seeds paper) prompts from the prompt_dataset/ folder at PATH: "
+                                  + ", ".join(COMP90_SUITES),
 }
 
 
@@ -230,6 +293,11 @@ def load_suite(name: str) -> list[Prompt]:
                                 "nouns": _split(p.meta.get("nouns"))}) for i, p in enumerate(prompts)]
     if name.startswith("shapes-"):
         return _shapes_suite(name.removeprefix("shapes-"))
+    if name.startswith("comp90-"):
+        suite, sep, folder = name.partition(":")
+        if not sep or not folder:
+            raise InputError(f"{name!r}: give the Comp90 folder after a colon, e.g. {suite}:path/to/prompt_dataset")
+        return load_comp90(suite, folder)
     raise InputError(f"unknown prompt suite {name!r}; built-in suites: {', '.join(SUITES)}")
 
 
@@ -289,7 +357,7 @@ def load_prompts(source: str | Path) -> list[Prompt]:
     if path.exists():
         return read_prompt_file(path)
     name = str(source)
-    if name in SUITES or name.startswith("shapes-"):
+    if name in SUITES or name.startswith(("shapes-", "comp90-")):
         return load_suite(name)
     raise InputError(f"prompt file {source} does not exist and is not a built-in suite "
                      f"({', '.join(SUITES)})")
@@ -307,5 +375,6 @@ def unique(prompts: Sequence[Prompt]) -> tuple[list[Prompt], int]:
 
 
 __all__ = ["Prompt", "Comp90Object", "SUITES", "load_prompts", "load_suite", "read_prompt_file",
-           "read_comp90_objects", "comp90_numerical", "builtin_seeds", "unique", "read_lines", "check_prompt",
+           "read_comp90_objects", "comp90_numerical", "COMP90_SUITES", "comp90_folder", "load_comp90",
+           "builtin_seeds", "unique", "read_lines", "check_prompt",
            "COUNT_WORDS"]

@@ -1,7 +1,8 @@
 """Train the shapes-world model from a seed: ``python -m diffprobe.worlds.shapes.train --out DIR``.
 
 Phase 1 trains the KL autoencoder on rendered scenes; phase 2 trains the UNet and the text encoder jointly with the
-epsilon-prediction loss, dropping 10% of captions so classifier-free guidance works, and keeps an EMA of both. Scenes
+epsilon-prediction loss, dropping 10% of captions so classifier-free guidance works, and keeps an EMA of both (on
+the project's training core, :mod:`diffprobe.training`: AdamW, clipping, warm-up, diffusers' EMA, loss log). Scenes
 are rendered on the fly (scene layouts in DataLoader workers, pixels on the training device). Writes ``DIR/weights``
 (a Stable-Diffusion-style diffusers folder), ``DIR/loss.csv`` and ``DIR/training.json``.
 ``--init`` continues a trained folder; ``--replay training.json`` trains a recorded chain of runs again.
@@ -10,8 +11,6 @@ are rendered on the fly (scene layouts in DataLoader workers, pixels on the trai
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
 import math
 import platform
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from ...errors import InputError, exit_on_user_error
 from ...models.loading import choose_device
+from ...training import LossLog, StepContext, Trainer, TrainSettings
 from . import grammar, model
 from .card import model_card
 from .record import chain, examples_seen, same_settings
@@ -49,34 +49,6 @@ class _Batches(torch.utils.data.Dataset):
         return params, colors, [c for _, c in examples]
 
 
-class LossLog:
-    """``loss.csv`` (phase, step, mean loss over the last ``every`` steps, elapsed seconds) and a progress line per row.
-
-    Losses are summed on the device and read back only when a row is written: no GPU sync per step.
-    """
-
-    def __init__(self, path: Path, every: int):
-        self.every, self.t0 = every, time.time()
-        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed by close()
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(["phase", "step", "loss", "elapsed_s"])
-        self.phase, self.running = "", 0.0
-
-    def add(self, phase: str, step: int, loss: torch.Tensor) -> None:
-        if phase != self.phase:  # a row never mixes the losses of two phases
-            self.phase, self.running = phase, 0.0
-        self.running += loss.detach()
-        if step % self.every == 0:
-            mean, elapsed = float(self.running) / self.every, time.time() - self.t0
-            self.writer.writerow([phase, step, f"{mean:.6f}", f"{elapsed:.1f}"])
-            self.file.flush()
-            print(f"{phase} {step}: {mean:.5f} ({elapsed:.0f}s)", flush=True)
-            self.running = 0.0
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _loader(batch: int, workers: int, offset: int = 0):
     return iter(
         torch.utils.data.DataLoader(
@@ -87,12 +59,6 @@ def _loader(batch: int, workers: int, offset: int = 0):
             prefetch_factor=4 if workers else None,
         )
     )
-
-
-def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        e, p = list(ema.parameters()), list(live.parameters())
-        torch._foreach_lerp_(e, p, 1 - decay)
 
 
 def _load_init(folder: Path) -> tuple[dict[str, torch.nn.Module], dict]:
@@ -201,50 +167,45 @@ def _calibrate_latents(vae, batch: int, on: _Device) -> float:
 def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, lr: float, warmup: int,
                     ema_decay: float, parent: dict | None, deadline: float, workers: int, on: _Device,
                     log: LossLog) -> tuple[torch.nn.Module, torch.nn.Module, int]:
-    """Phase 2: UNet + text encoder, epsilon loss, 10% caption dropout, EMA. Returns both EMA models and the
-    steps done (fewer than ``steps`` when the deadline passes)."""
+    """Phase 2 on the training core: UNet + text encoder, epsilon loss, 10% caption dropout, EMA. Returns both
+    models holding their EMA weights and the steps done (fewer than ``steps`` when the deadline passes)."""
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
     tokenizer, scheduler = model.build_tokenizer(), model.build_scheduler()
     sf = vae.config.scaling_factor
-    trainable = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     alphas = scheduler.alphas_cumprod.to(on.dev)
-    # A continuation reads the examples after those its parent saw, and its EMA starts from the parent's EMA.
-    data = _loader(batch, workers, offset=examples_seen(parent))
-    done = 0
-    for step in range(1, steps + 1):
-        if time.time() > deadline:
-            break
-        params, colors, captions = next(data)
-        drop = torch.rand(len(captions), generator=on.gen, device=on.dev).cpu() < CAPTION_DROPOUT
+
+    def loss(batch_: tuple, ctx: StepContext) -> torch.Tensor:
+        params, colors, captions = batch_
+        drop = torch.rand(len(captions), generator=ctx.generator, device=on.dev).cpu() < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         ids = tokenizer(
             captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True, return_tensors="pt"
         ).input_ids.to(on.dev)
-        with torch.no_grad(), torch.autocast(**on.amp):
+        with torch.no_grad():
             x = on.pixels(params, colors)
-            z = vae.encode(x).latent_dist.sample(on.gen).float() * sf
-        noise = torch.randn(z.shape, generator=on.gen, device=on.dev)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=on.gen, device=on.dev)
+            z = vae.encode(x).latent_dist.sample(ctx.generator).float() * sf
+        noise = torch.randn(z.shape, generator=ctx.generator, device=on.dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=ctx.generator,
+                          device=on.dev)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        with torch.autocast(**on.amp):
-            emb = text_encoder(ids).last_hidden_state
-            pred = unet(zt, t, emb).sample.float()
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        decay = ema_decay if parent else min(ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        done = step
-        log.add("unet", step, loss)
-    return ema_unet, ema_text, done
+        emb = ctx.modules["text_encoder"](ids).last_hidden_state
+        pred = ctx.modules["unet"](zt, t, emb).sample.float()
+        return F.mse_loss(pred, noise)
+
+    # A continuation reads the examples after those its parent saw, and its EMA keeps the decay from the start
+    # (no warm-up ramp: the parent's weights are already averaged).
+    offset = examples_seen(parent)
+
+    def batches(position: int, rank: int, world: int):
+        return _loader(batch, workers, offset=offset + position * batch)
+
+    settings = TrainSettings(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema_decay,
+                             ema_warmup=parent is None, mixed_precision="auto" if on.dev.type == "cuda" else "no",
+                             gradient_checkpointing=False, log_every=log.every, device=on.dev.type)
+    result = Trainer(settings).fit({"unet": unet, "text_encoder": text_encoder}, loss, batches, None, log=log,
+                                   phase="unet", stop=lambda step: time.time() > deadline, generator=on.gen)
+    return unet, text_encoder, result.steps
 
 
 def train(
