@@ -1,4 +1,4 @@
-# Two entry points on a fresh machine:  `make demo` (generate + score on the built-in shapes model)
+# Two entry points on a fresh machine:  `make demo` (an audit of three guiders on the built-in shapes model)
 # and `make test` (the test suite). Each creates the virtual environment it needs in .venv.
 PYTHON ?= python3
 VENV := .venv
@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/diffprobe generate --model shapes --prompt "two red circles" --prompt "a blue square and a yellow triangle" --prompt "a green circle to the left of a red square" --seeds 0-7 --out runs/demo
-	$(BIN)/diffprobe score scs runs/demo
+	$(BIN)/diffprobe audit examples/audit-shapes.yaml --out runs/demo-audit
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

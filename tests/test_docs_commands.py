@@ -31,7 +31,11 @@ DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.p
             "local detector)")
 SD21 = HUB + ", the user's copy of Comp90 and a VLM server (tests/test_seeds.py mines with the same code)"
 SKIPPED = {
-    "make demo": "creates .venv and installs with pip (network); the same two commands run below, from README's Use",
+    "make demo": "creates .venv and installs with pip (network); tests/test_audit.py runs a smaller audit",
+    "diffprobe audit examples/audit-shapes.yaml --out runs/demo-audit": "the demo audit takes minutes; "
+    "tests/test_audit.py runs a tiny one",
+    "diffprobe report runs/demo-audit": "needs the demo audit; tests/test_report.py and test_report_browser.py "
+    "make reports",
     "make test": "runs this test suite",
     "python3 -m venv .venv && . .venv/bin/activate": "creates a virtual environment",
     "pip install torch==2.13.0": "downloads from PyPI",

@@ -422,3 +422,32 @@ def undefined_pairs(rows: Pairing[PromptScore]) -> tuple[list[str], list[str]]:
     """Keys of the pairs whose A score, and whose B score, is undefined (a prompt with a single image)."""
     return ([k for k, x in zip(rows.keys, rows.a, strict=True) if x.score is None],
             [k for k, y in zip(rows.keys, rows.b, strict=True) if y.score is None])
+
+
+# --- paired verdicts and many comparisons ---------------------------------------------------------------------
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact McNemar test for paired binary outcomes (the same images' verdicts under A and B): a two-sided
+    binomial test of the discordant pairs (B right where A is wrong vs. A right where B is wrong) at p = 1/2."""
+    if len(a) != len(b):
+        raise InputError(f"McNemar needs paired verdicts; got {len(a)} for A and {len(b)} for B")
+    x, y = np.asarray(a, bool), np.asarray(b, bool)
+    b_only, a_only = int((y & ~x).sum()), int((x & ~y).sum())
+    n = b_only + a_only
+    p = 1.0 if n == 0 else float(stats.binomtest(b_only, n, 0.5).pvalue)
+    return {"n_pairs": int(len(x)), "b_only_correct": b_only, "a_only_correct": a_only, "p": p,
+            "test": "exact McNemar (two-sided binomial test of the discordant pairs)"}
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); None entries stay None and do not
+    count towards the number of tests."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(order)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out

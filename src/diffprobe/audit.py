@@ -1,0 +1,628 @@
+"""``diffprobe audit``: arms (model x guidance, list-valued guidance parameters expanded to one arm per value) on one
+prompt suite and one seed list; every arm is generated, scored and judged through the run store, then compared
+with the baseline arm (paired tests, Holm correction across arms), summarised in ``AUDIT_DIR/summary.json`` and
+reported in ``AUDIT_DIR/report/index.html``.
+
+Each arm is a run directory under ``AUDIT_DIR/arms/``, named by its generation settings, so a re-run (after an
+interruption, or with more prompts or seeds) makes only the missing images and judges only the new ones. Arms of
+one model share one loaded model. A measure whose prerequisite is missing (no CLIP offline, no reference folder,
+prompts without questions) is skipped with a note, not an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich.console import Console
+
+from .console import message
+from .errors import DiffprobeError, InputError
+from .prompts import Prompt
+from .spec import RunSpec, build_spec, canonical_json
+
+ARMS_DIR = "arms"
+SUMMARY_FILE = "summary.json"
+AUDIT_KIND = "diffprobe-audit"
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)  # hub id, local folder or a built-in model ("shapes")
+    label: str | None = None
+    family: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+class GuidanceEntry(BaseModel):
+    """``{name: scfg, scale: [3.5, 5]}``: every key but ``name`` and ``label`` is a guider parameter; a list
+    value is a sweep (one arm per value)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    label: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ScsMeasure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    embedder: str = "auto"
+    weights: Path | None = None
+
+
+class CompositionMeasure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    judge: str = "shapes"
+
+
+class ClipMeasure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = "clip-vit-b32"
+
+
+class IrsMeasure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: Path
+    test: Path | None = None
+    embedder: str = "auto"
+    weights: Path | None = None
+
+
+class Measures(BaseModel):
+    """Which measures to take; a measure left out (or ``false``) is not taken."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scs: ScsMeasure | None = Field(default_factory=ScsMeasure)
+    composition: CompositionMeasure | Literal["auto"] | None = "auto"  # auto: the exact judge on shapes models
+    clip: ClipMeasure | None = None
+    irs: IrsMeasure | None = None
+
+    @field_validator("scs", "composition", "clip", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    models: list[str | ModelEntry] = Field(min_length=1)
+    prompts: str | list[str]  # a suite, a file (relative to the config file) or a list
+    per_category: int | None = Field(None, ge=1)  # the first N prompts of each category (prompt meta 'category')
+    seeds: str | int | list[int] = "0-3"
+    sampler: dict[str, Any] = Field(default_factory=dict)
+    guidance: list[GuidanceEntry] = Field(min_length=1)
+    baseline: str | None = None  # an arm label; default: the first arm
+    measures: Measures = Field(default_factory=Measures)
+    batch_size: int = Field(8, ge=1)
+
+    def model_entries(self) -> list[ModelEntry]:
+        return [ModelEntry(name=m) if isinstance(m, str) else m for m in self.models]
+
+
+# --- reading the YAML, with the line of a bad field ----------------------------------------------------------------
+
+
+def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (the deepest one that exists)."""
+    import yaml
+
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _describe(err: ValidationError, root: Any) -> str:
+    # Of a union's alternatives, the error that got furthest into the value says most (``models.0.lora``).
+    first = max(err.errors(), key=lambda e: len(_field_path(e["loc"])))
+    loc = _field_path(first["loc"])
+    where = ".".join(str(p) for p in loc) or "top level"
+    line = _line_of(root, loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        msg = f"unknown field; allowed: {', '.join(model.model_fields)}" if model else msg
+    elif first["type"] == "literal_error":
+        msg = f"{msg} (got {first.get('input')!r})"
+    return f"{where}{f' (line {line})' if line else ''}: {msg}"
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without pydantic's names of union alternatives (``str``, ``ModelEntry``, ``literal['auto']``)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in TYPE_NAMES)))
+
+
+TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = AuditConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return None
+        candidates = [t for t in getattr(info.annotation, "__args__", (info.annotation,))
+                      if isinstance(t, type) and issubclass(t, BaseModel)]
+        for arg in getattr(info.annotation, "__args__", ()):
+            candidates += [t for t in getattr(arg, "__args__", ()) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def load_config(path: str | Path) -> tuple[AuditConfig, dict[str, Any]]:
+    """The validated audit config and the raw mapping it came from; errors name the field, its line and what is
+    allowed."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except OSError as err:
+        raise InputError(f"cannot read audit config {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"audit config {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"audit config {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"audit config {path} must be a mapping with keys: {', '.join(AuditConfig.model_fields)}")
+    try:
+        return AuditConfig.model_validate(data), data
+    except ValidationError as err:
+        raise InputError(f"audit config {path}: {_describe(err, root)}") from None
+
+
+# --- arms --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmPlan:
+    label: str
+    model: ModelEntry
+    spec: RunSpec
+    run_dir: Path
+    sweep: dict[str, Any] | None = None  # {"group": ..., "param": ..., "value": ...}
+    to_make: int = 0
+    made: int = 0
+
+
+def _value_text(value: Any) -> str:
+    return canonical_json(value) if isinstance(value, list | dict) else str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-")[:60] or "arm"
+
+
+def expand(config: AuditConfig) -> list[tuple[str, ModelEntry, dict[str, Any], dict[str, Any] | None, str]]:
+    """(label, model, guidance {name, params}, sweep, group) per arm: models x guidance entries x the values of
+    each list-valued parameter (several lists: every combination)."""
+    models = config.model_entries()
+    out = []
+    for m_index, model in enumerate(models):
+        prefix = (model.label or model.name) + " / " if len(models) > 1 else ""
+        for g_index, entry in enumerate(config.guidance):
+            params = entry.params()
+            swept = [k for k, v in params.items() if isinstance(v, list) and k != "concepts"]
+            base = prefix + (entry.label or entry.name)
+            group = f"{m_index}:{g_index}"
+            for values in itertools.product(*(params[k] for k in swept)) if swept else [()]:
+                chosen = {**params, **dict(zip(swept, values, strict=True))}
+                label = base + "".join(f" {k}={_value_text(v)}" for k, v in zip(swept, values, strict=True))
+                sweep = ({"group": group, "title": base, "param": swept[0], "value": values[0]}
+                         if len(swept) == 1 and isinstance(values[0], int | float) else None)
+                out.append((label, model, {"name": entry.name, "params": chosen}, sweep, group))
+    labels = [a[0] for a in out]
+    if repeated := sorted({x for x in labels if labels.count(x) > 1}):
+        raise InputError(f"audit config: arms {', '.join(map(repr, repeated))} appear more than once; give the "
+                         "guidance entries (or models) distinct 'label's")
+    return out
+
+
+def select_prompts(items: list[Prompt], per_category: int | None) -> list[Prompt]:
+    """The first ``per_category`` prompts of each category (prompt meta ``category``), in suite order; without
+    categories, the first ``per_category`` prompts."""
+    if per_category is None:
+        return items
+    seen: dict[Any, int] = {}
+    kept = []
+    for p in items:
+        cat = p.meta.get("category")
+        if seen.get(cat, 0) < per_category:
+            kept.append(p)
+            seen[cat] = seen.get(cat, 0) + 1
+    return kept
+
+
+def plan_arms(config: AuditConfig, config_path: Path, audit_dir: Path) -> tuple[list[ArmPlan], list[Prompt], str]:
+    """Every arm with its RunSpec and run directory, the prompts, and the baseline label."""
+    arms: list[ArmPlan] = []
+    prompts: list[Prompt] | None = None
+    source = None
+    for label, model, guidance, sweep, _ in expand(config):
+        data = {"model": model.model_dump(exclude={"label"}), "seeds": config.seeds, "sampler": config.sampler,
+                "guidance": guidance}
+        if prompts is None:
+            spec, items, _ = build_spec({**data, "prompts": config.prompts}, spec_file=config_path)
+            prompts = select_prompts(items, config.per_category)
+            source = spec.prompt_source or (config.prompts if isinstance(config.prompts, str) else None)
+        spec, _, _ = build_spec({**data, "prompts": [p.text for p in prompts]}, spec_file=config_path)
+        spec = spec.model_copy(update={"prompt_source": source})
+        digest = hashlib.sha256(canonical_json(spec.generation()).encode()).hexdigest()[:8]
+        arms.append(ArmPlan(label, model, spec, audit_dir / ARMS_DIR / f"{_slug(label)}-{digest}", sweep))
+    labels = [a.label for a in arms]
+    baseline = config.baseline or labels[0]
+    if baseline not in labels:
+        raise InputError(f"audit config: baseline {baseline!r} is not an arm; arms: {', '.join(map(repr, labels))}")
+    assert prompts is not None
+    return arms, prompts, baseline
+
+
+def count_made(arm: ArmPlan) -> None:
+    """How many of the arm's images its run already holds (0 for a run not started)."""
+    from .generate import plan
+    from .store import is_run_dir, open_run
+
+    total = len(arm.spec.prompts) * len(arm.spec.seeds)
+    arm.made, arm.to_make = 0, total
+    if not is_run_dir(arm.run_dir):
+        return
+    with open_run(arm.run_dir) as store:
+        config = store.get_meta("config")
+        stored = store.spec
+        if config is None or stored is None or stored.generation() != arm.spec.generation():
+            return
+        keys = store.keys()
+    arm.made = sum(j.key in keys for j in plan(arm.spec.prompts, arm.spec.seeds, config))
+    arm.to_make = total - arm.made
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditResult:
+    audit_dir: Path
+    summary: dict[str, Any]
+    index: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Models:
+    """Loads each model once, on first use, for every arm that needs it."""
+
+    def __init__(self, console: Console):
+        self.loaded: dict[str, Any] = {}
+        self.console = console
+
+    def get(self, arm: ArmPlan):
+        from .models import load_model
+
+        key = canonical_json(arm.model.model_dump(exclude={"label"}) | {"scheduler": arm.spec.sampler.scheduler})
+        if key not in self.loaded:
+            self.console.print(message(f"loading model {arm.model.name}"))
+            self.loaded[key] = load_model(arm.model.name, family=arm.model.family, device=arm.model.device,
+                                          dtype=arm.model.dtype, scheduler=arm.spec.sampler.scheduler)
+        return self.loaded[key]
+
+
+def time_one_batch(arm: ArmPlan, prompts: list[Prompt], models: Models, batch: int) -> float:
+    """Seconds per image of the arm's guider, from one small timed batch (after one warm-up step)."""
+    from .generate import make_run_guider, resolved_config
+    from .sampling import sample
+
+    adapter = models.get(arm)
+    metas = {p.text: p.meta for p in prompts}
+    guider = make_run_guider(arm.spec, metas, adapter.guidance_defaults())
+    sampler = resolved_config(adapter, arm.spec, guider)["sampler"]
+    n = max(1, min(batch, 4))
+    prompt_list, seeds = [prompts[0].text] * n, list(range(n))
+    kwargs = {"height": sampler["height"], "width": sampler["width"]}
+    sample(adapter, guider, prompt_list[:1], seeds[:1], steps=1, **kwargs)  # warm-up (first-call costs)
+    start = time.perf_counter()
+    sample(adapter, guider, prompt_list, seeds, steps=sampler["steps"], **kwargs)
+    return (time.perf_counter() - start) / n
+
+
+def dry_run(config_path: Path, audit_dir: Path, *, console: Console, timing: bool = True) -> list[str]:
+    """The plan as lines of text: each arm, its images to make and already made, and an estimated time."""
+    config, _ = load_config(config_path)
+    arms, prompts, baseline = plan_arms(config, config_path, audit_dir)
+    models = Models(console)
+    lines = [f"audit {config.name or config_path.stem}: {len(arms)} arm(s), {len(prompts)} prompt(s) x "
+             f"{len(arms[0].spec.seeds)} seed(s); baseline {baseline!r}; output {audit_dir}"]
+    total_s = 0.0
+    estimated = timing
+    per_image: dict[str, float] = {}
+    for arm in arms:
+        count_made(arm)
+        eta = ""
+        if timing and arm.to_make:
+            key = canonical_json([arm.model.model_dump(), arm.spec.guidance.name])
+            try:
+                if key not in per_image:
+                    per_image[key] = time_one_batch(arm, prompts, models, config.batch_size)
+                seconds = per_image[key] * arm.to_make
+                total_s += seconds
+                eta = f", about {_duration(seconds)}"
+            except DiffprobeError as err:
+                estimated = False
+                eta = f", no estimate ({err})"
+        lines.append(f"  {arm.label}: {arm.to_make} image(s) to make, {arm.made} already made{eta} -> {arm.run_dir}")
+    measures = _measure_names(config)
+    lines.append(f"measures: {', '.join(measures) or 'none'}")
+    if timing:
+        lines.append(f"estimated generation time: {_duration(total_s)}" if estimated
+                     else "estimated generation time: unknown for some arms")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _measure_names(config: AuditConfig) -> list[str]:
+    m = config.measures
+    names = []
+    if m.scs is not None:
+        names.append(f"scs ({m.scs.embedder})")
+    if m.composition is not None:
+        names.append(f"composition ({'auto' if m.composition == 'auto' else m.composition.judge})")
+    if m.clip is not None:
+        names.append(f"clip ({m.clip.model})")
+    if m.irs is not None:
+        names.append("irs")
+    return names
+
+
+def run_audit(config_path: str | Path, audit_dir: str | Path | None = None, *, console: Console | None = None,
+              progress: bool = True, report: bool = True) -> AuditResult:
+    """Run (or resume) the audit of ``config_path`` into ``audit_dir`` (default ``audits/<config name>``)."""
+    from .generate import generate
+    from .metrics.provenance import provenance, write_json
+
+    console = console or Console(stderr=True)
+    config_path = Path(config_path)
+    config, raw = load_config(config_path)
+    audit_dir = Path(audit_dir) if audit_dir is not None else default_dir(config, config_path)
+    arms, prompts, baseline = plan_arms(config, config_path, audit_dir)
+    notes: list[str] = []
+    models = Models(console)
+    for i, arm in enumerate(arms, 1):
+        count_made(arm)
+        console.print(message(f"[{i}/{len(arms)}] {arm.label}: generate ({arm.to_make} to make, {arm.made} made)"))
+        adapter = models.get(arm) if arm.to_make else None
+        generate(arm.spec, arm.run_dir, prompts=prompts, batch_size=config.batch_size, extend=True, adapter=adapter,
+                 console=console, progress=progress)
+    models.loaded.clear()  # free the diffusion models before the measures load theirs
+    measure_all(config, config_path, arms, notes, console, progress)
+    summary = summarize(config, raw, arms, baseline, audit_dir, notes)
+    summary["provenance"] = provenance()
+    write_json(summary, audit_dir / SUMMARY_FILE)
+    result = AuditResult(audit_dir, summary, notes=notes)
+    if report:
+        from .report import build_report
+
+        result.index = build_report(audit_dir)
+    return result
+
+
+def default_dir(config: AuditConfig, config_path: Path) -> Path:
+    return Path("audits") / _slug(config.name or config_path.stem)
+
+
+def _skip(notes: list[str], console: Console, text: str) -> None:
+    notes.append(text)
+    console.print(message(text, "skipped:"))
+
+
+def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], notes: list[str], console: Console,
+                progress: bool) -> None:
+    """Score and judge every arm; each measure's model loads once for all arms."""
+    from .commands.judge import judge_run
+    from .metrics.provenance import write_json
+
+    m = config.measures
+    scores = lambda arm, name: arm.run_dir / "scores" / f"{name}.json"  # noqa: E731
+    if m.scs is not None:
+        _each(arms, "scs", notes, console, lambda: _embedder(m.scs.embedder, m.scs.weights),
+              lambda emb, arm: write_json(_scs(arm, emb), scores(arm, "scs")))
+    judge = m.composition
+    if judge == "auto":
+        judge = CompositionMeasure() if all(a.model.name == "shapes" for a in arms) else None
+        if judge is None:
+            notes.append("composition: not measured (no judge named; the exact 'shapes' judge only fits the shapes "
+                         "model); set measures.composition.judge")
+    if judge is not None:
+        def run_judge(j, arm):
+            result = judge_run(arm.run_dir, j, console=console, progress=progress)
+            if result.summary["categories"]["all"]["n"] == 0:
+                raise InputError(f"no image of {arm.label} has a question to judge "
+                                 f"({'; '.join(result.summary['skipped_reasons']) or 'no prompts'})")
+        _each(arms, "composition", notes, console, lambda: _judge(judge.judge), run_judge)
+    if m.clip is not None:
+        from .metrics.clipscore import score_clip
+
+        _each(arms, "clip", notes, console, lambda: _embedder(m.clip.model, None),
+              lambda emb, arm: write_json(score_clip(arm.run_dir, emb), scores(arm, "clip")))
+    if m.irs is not None:
+        from .metrics.irs import score_irs
+
+        base = config_path.parent
+        train = m.irs.train if m.irs.train.is_absolute() else base / m.irs.train
+        test = None if m.irs.test is None else (m.irs.test if m.irs.test.is_absolute() else base / m.irs.test)
+        missing = [str(p) for p in (train, test) if p is not None and not p.is_dir()]
+        if missing:
+            _skip(notes, console, f"irs: reference folder {', '.join(missing)} is missing or not a folder")
+        else:
+            _each(arms, "irs", notes, console, lambda: _embedder(m.irs.embedder, m.irs.weights),
+                  lambda emb, arm: write_json(score_irs(arm.run_dir, train, test, embedder=emb), scores(arm, "irs")))
+
+
+def _embedder(name: str, weights: Path | None):
+    from .embed import get_embedder
+
+    return get_embedder(name, weights=weights)
+
+
+def _judge(name: str):
+    from .judges import make_judge
+
+    return make_judge(name)
+
+
+def _scs(arm: ArmPlan, embedder) -> dict[str, Any]:
+    from .metrics.scs import score_scs
+
+    return score_scs(arm.run_dir, embedder, sensitivity=False)
+
+
+def _each(arms: list[ArmPlan], name: str, notes: list[str], console: Console, load: Callable[[], Any],
+          measure: Callable[[Any, ArmPlan], Any]) -> None:
+    """Load the measure's model once and measure every arm; a failure skips the measure (or the arm) with a
+    note, and a result left from an earlier call is removed so the report never shows a stale number."""
+    try:
+        model = load()
+    except DiffprobeError as err:
+        _skip(notes, console, f"{name}: {err}")
+        for arm in arms:
+            (arm.run_dir / "scores" / f"{name}.json").unlink(missing_ok=True)
+        return
+    if note := getattr(model, "note", None):
+        notes.append(f"{name}: {note}")
+    for arm in arms:
+        console.print(message(f"{name}: {arm.label}"))
+        try:
+            measure(model, arm)
+        except DiffprobeError as err:
+            _skip(notes, console, f"{name} of {arm.label}: {err}")
+            (arm.run_dir / "scores" / f"{name}.json").unlink(missing_ok=True)
+
+
+# --- comparing -----------------------------------------------------------------------------------------------------
+
+
+def compare_arm(base, arm, metric: str, n_boot: int = 10000, seed: int = 0) -> dict[str, Any] | None:
+    """Paired comparison of ``arm`` with ``base`` (report Arms): ``scs``/``clip`` over prompts (Wilcoxon; the
+    full result of ``compare_paired`` under ``detail``), ``composition`` over images judged in both (McNemar)."""
+    import numpy as np
+
+    from .metrics.stats import bootstrap_mean_ci, compare_scores, mcnemar
+
+    if metric in ("scs", "clip"):
+        a, b = base.per_prompt(metric), arm.per_prompt(metric)
+        shared = [p for p in a if p in b]
+        if len(shared) < 2:
+            return None if not a or not b else {"note": f"only {len(shared)} prompt(s) scored in both; need 2"}
+        result = compare_scores({p: a[p] for p in shared}, {p: b[p] for p in shared}, names=(base.label, arm.label),
+                                n_boot=n_boot, seed=seed)
+        d, ci = result["difference"], result["difference"]["bootstrap_ci"]
+        dz = result["effect_size"]["cohens_dz"]
+        return {"n_pairs": result["n_pairs"], "difference": d["mean"], "ci": [ci["low"], ci["high"]],
+                "p": result["wilcoxon"]["p"], "test": "Wilcoxon signed-rank over prompts",
+                "extra": f"KS p={result['ks_2samp']['p']:.3g}; d_z={'n/a' if dz is None else f'{dz:.2f}'}; "
+                         f"rank-biserial {result['effect_size']['rank_biserial']:.2f}",
+                "note": "; ".join(result["warnings"]), "detail": result}
+    if metric == "composition":
+        pairs = [(info.correct, arm.images[k].correct) for k, info in base.images.items()
+                 if k in arm.images and info.correct is not None and arm.images[k].correct is not None]
+        if not pairs:
+            return None
+        x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+        test = mcnemar(x, y)
+        d = np.asarray(y, float) - np.asarray(x, float)
+        low, high = bootstrap_mean_ci(d, n_boot, seed=seed) if len(d) > 1 else (float(d[0]), float(d[0]))
+        return {"n_pairs": len(pairs), "difference": float(d.mean()), "ci": [low, high], "p": test["p"],
+                "test": test["test"] + " over images (same prompt and seed)",
+                "extra": f"arm right only {test['b_only_correct']}, baseline right only {test['a_only_correct']}",
+                "detail": test}
+    raise ValueError(metric)
+
+
+def comparisons(arms: list, baseline: str, n_boot: int = 10000) -> dict[str, dict[str, Any]]:
+    """Every arm against the baseline, per measure, with Holm-adjusted p-values across the arms of a measure."""
+    from .metrics.stats import holm
+
+    base = next(a for a in arms if a.label == baseline)
+    out: dict[str, dict[str, Any]] = {a.label: {} for a in arms if a is not base}
+    for metric in ("scs", "composition", "clip"):
+        results = {a.label: compare_arm(base, a, metric, n_boot) for a in arms if a is not base}
+        results = {k: v for k, v in results.items() if v is not None}
+        adjusted = holm([r.get("p") for r in results.values()])
+        for (label, r), p in zip(results.items(), adjusted, strict=True):
+            out[label][metric] = {**r, "p_holm": p}
+    return out
+
+
+def summarize(config: AuditConfig, raw: dict[str, Any], arms: list[ArmPlan], baseline: str, audit_dir: Path,
+              notes: list[str]) -> dict[str, Any]:
+    from .report import gather_run, measures
+
+    gathered = [gather_run(a.run_dir, a.label) for a in arms]
+    sweeps: dict[str, dict[str, Any]] = {}
+    for a in arms:
+        if a.sweep is not None:
+            s = sweeps.setdefault(a.sweep["group"], {"title": a.sweep["title"], "param": a.sweep["param"], "arms": []})
+            s["arms"].append([a.label, a.sweep["value"]])
+    return {
+        "kind": AUDIT_KIND,
+        "name": config.name,
+        "baseline": baseline,
+        "prompts": len(arms[0].spec.prompts),
+        "seeds": arms[0].spec.seeds,
+        "arms": [{"label": a.label, "run_dir": str(a.run_dir.relative_to(audit_dir)), "model": a.model.model_dump(),
+                  "guidance": a.spec.guidance.model_dump(), "sweep": a.sweep, "images": g.n_images,
+                  "measures": _finite(measures(g))} for a, g in zip(arms, gathered, strict=True)],
+        "comparisons": _finite(comparisons(gathered, baseline)),
+        "sweeps": [s for s in sweeps.values() if len(s["arms"]) > 1],
+        "notes": notes,
+        "config": raw,
+    }
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (e.g. a test on identical samples) as None, so the summary is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

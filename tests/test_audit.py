@@ -1,0 +1,220 @@
+"""``diffprobe audit`` on the shapes model at tiny sizes: grid expansion, config errors, the summary's numbers
+against the statistics functions called directly, skipped measures, dry run and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from report_helpers import HOSTILE_PROMPT, TINY_AUDIT, write_config
+from scipy import stats
+from typer.testing import CliRunner
+
+from diffprobe.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    from diffprobe.audit import run_audit
+
+    folder = tmp_path_factory.mktemp("audit")
+    config = write_config(folder)
+    result = run_audit(config, folder / "out", progress=False)
+    return config, result
+
+
+def test_arms_expand_lists_one_arm_per_value(tmp_path):
+    from diffprobe.audit import AuditConfig, expand
+
+    config = AuditConfig.model_validate({
+        "models": ["shapes"], "prompts": "shapes-eval",
+        "guidance": [{"name": "cfg", "scale": 3.5}, {"name": "scfg", "scale": [2, 3.5, 5]},
+                     {"name": "concept", "label": "cg", "scale": 3.5, "concept_scale": [1, 7.5],
+                      "concepts": ["a red circle", "a blue square"]}]})
+    arms = expand(config)
+    assert [a[0] for a in arms] == ["cfg", "scfg scale=2", "scfg scale=3.5", "scfg scale=5", "cg concept_scale=1",
+                                    "cg concept_scale=7.5"]
+    assert [a[2]["params"].get("scale") for a in arms] == [3.5, 2, 3.5, 5, 3.5, 3.5]
+    assert arms[5][2]["params"]["concepts"] == ["a red circle", "a blue square"]  # a list-valued option, not a sweep
+    assert [a[3]["value"] for a in arms[1:4]] == [2, 3.5, 5]
+    two = AuditConfig.model_validate({"models": ["shapes", {"name": "shapes", "label": "again"}],
+                                      "prompts": "shapes-eval", "guidance": [{"name": "cfg"}]})
+    assert [a[0] for a in expand(two)] == ["shapes / cfg", "again / cfg"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("models: [shapes]\nprompts: shapes-eval\nguidance:\n  - {name: cfg}\nmeasurez: {}\n",
+     ["measurez (line 5)", "allowed: name, models, prompts"]),
+    ("models:\n  - name: shapes\n    lora: x.safetensors\nprompts: shapes-eval\nguidance: [{name: cfg}]\n",
+     ["models.0.lora (line 3)", "allowed: name, label, family, dtype, device"]),
+    ("models: [shapes]\nprompts: shapes-eval\nguidance: [{name: cfg}]\nmeasures:\n  composition: {judge: 3, x: 1}\n",
+     ["measures.composition", "line 5"]),
+    ("models: [shapes]\nprompts: shapes-eval\nguidance: []\n", ["guidance (line 3)", "at least 1"]),
+    ("models: [shapes]\nprompts: shapes-eval\nper_category: 0\nguidance: [{name: cfg}]\n",
+     ["per_category (line 3)", "greater than or equal to 1"]),
+    ("models: [shapes\n", ["invalid YAML", "line 2"]),
+])
+def test_config_errors_name_the_field_its_line_and_what_is_allowed(tmp_path, text, expected):
+    from diffprobe.audit import load_config
+
+    with pytest.raises(InputError) as err:
+        load_config(write_config(tmp_path, text))
+    for part in expected:
+        assert part in str(err.value), str(err.value)
+
+
+def test_unknown_baseline_lists_the_arms(tmp_path):
+    from diffprobe.audit import load_config, plan_arms
+
+    path = write_config(tmp_path, TINY_AUDIT + "baseline: nope\n")
+    config, _ = load_config(path)
+    with pytest.raises(InputError, match=r"baseline 'nope' is not an arm; arms: 'cfg', 'scfg scale=2', 'scfg scale=4'"):
+        plan_arms(config, path, tmp_path / "out")
+
+
+def test_select_prompts_keeps_the_first_of_each_category():
+    from diffprobe.audit import select_prompts
+    from diffprobe.prompts import Prompt
+
+    items = [Prompt(f"p{i}", {"category": "ab"[i % 2]}) for i in range(7)]
+    assert [p.text for p in select_prompts(items, 2)] == ["p0", "p1", "p2", "p3"]
+    assert select_prompts(items, None) == items
+
+
+def _verdicts(run_dir: Path) -> dict[tuple[str, int], bool]:
+    rows = [json.loads(line) for line in (run_dir / "scores" / "composition.jsonl").read_text().splitlines()]
+    return {(r["prompt"], r["seed"]): r["correct"] for r in rows if r["correct"] is not None}
+
+
+def test_summary_numbers_equal_the_statistics_called_directly(audit):
+    from diffprobe.metrics.stats import compare_scores
+
+    _, result = audit
+    summary = json.loads((result.audit_dir / "summary.json").read_text())
+    assert summary["baseline"] == "cfg"
+    assert [a["label"] for a in summary["arms"]] == ["cfg", "scfg scale=2", "scfg scale=4"]
+    assert [a["images"] for a in summary["arms"]] == [8, 8, 8]  # 4 prompts x 2 seeds
+    assert summary["sweeps"] == [{"title": "scfg", "param": "scale",
+                                  "arms": [["scfg scale=2", 2], ["scfg scale=4", 4]]}]
+    runs = {a["label"]: result.audit_dir / a["run_dir"] for a in summary["arms"]}
+    scs = {label: {r["prompt"]: r["scs"] for r in json.loads((run / "scores" / "scs.json").read_text())["per_prompt"]}
+           for label, run in runs.items()}
+    verdicts = {label: _verdicts(run) for label, run in runs.items()}
+    scs_p, comp_p = [], []
+    for label in ("scfg scale=2", "scfg scale=4"):
+        got = summary["comparisons"][label]
+        direct = compare_scores(scs["cfg"], scs[label], n_boot=10000)
+        assert got["scs"]["p"] == pytest.approx(direct["wilcoxon"]["p"])
+        assert got["scs"]["difference"] == pytest.approx(np.mean([scs[label][p] - scs["cfg"][p] for p in scs["cfg"]]))
+        assert got["scs"]["ci"] == pytest.approx([direct["difference"]["bootstrap_ci"]["low"],
+                                                  direct["difference"]["bootstrap_ci"]["high"]])
+        assert got["scs"]["n_pairs"] == 4
+        # McNemar by hand: a binomial test of the discordant images
+        base, arm = verdicts["cfg"], verdicts[label]
+        shared = [k for k in base if k in arm]
+        assert got["composition"]["n_pairs"] == len(shared) == 6  # the hostile prompt has no question
+        b_only = sum(arm[k] and not base[k] for k in shared)
+        a_only = sum(base[k] and not arm[k] for k in shared)
+        p = 1.0 if a_only + b_only == 0 else stats.binomtest(b_only, a_only + b_only, 0.5).pvalue
+        assert got["composition"]["p"] == pytest.approx(p)
+        assert got["composition"]["difference"] == pytest.approx((b_only - a_only) / len(shared))
+        scs_p.append(got["scs"]["p"])
+        comp_p.append(got["composition"]["p"])
+    for metric, ps in (("scs", scs_p), ("composition", comp_p)):
+        lo, hi = sorted(ps)
+        holm = [min(1, 2 * lo), min(1, max(2 * lo, hi))]
+        expected = holm if ps[0] <= ps[1] else holm[::-1]
+        assert [summary["comparisons"][k][metric]["p_holm"] for k in ("scfg scale=2", "scfg scale=4")] == \
+            pytest.approx(expected)
+    # the summary's per-arm SCS mean is the mean over prompts of the score file
+    assert summary["arms"][0]["measures"]["scs"]["mean"] == pytest.approx(np.mean(list(scs["cfg"].values())))
+
+
+def test_the_report_shows_every_arm_and_the_hostile_prompt_as_text(audit):
+    _, result = audit
+    html = result.index.read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in html and "onerror=alert(1)>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for label in ("cfg", "scfg scale=2", "scfg scale=4"):
+        assert f"<td>{label}</td>" in html
+    for plot in ("scs_distribution.png", "scs_paired.png", "accuracy.png", "sweep_0.png"):
+        assert f'src="plots/{plot}"' in html and (result.index.parent / "plots" / plot).stat().st_size > 1000
+    thumbs = list((result.index.parent / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == 24  # 3 arms x 4 prompts x 2 seeds, each image once
+    assert HOSTILE_PROMPT not in html
+
+
+def test_rerun_makes_nothing_and_dry_run_says_so(audit):
+    from diffprobe.cli import app
+
+    config, result = audit
+    res = CliRunner().invoke(app, ["audit", str(config), "--out", str(result.audit_dir), "--dry-run", "--no-timing"])
+    assert res.exit_code == 0, res.output
+    assert "3 arm(s), 4 prompt(s) x 2 seed(s); baseline 'cfg'" in res.output
+    for label in ("cfg", "scfg scale=2", "scfg scale=4"):
+        assert f"  {label}: 0 image(s) to make, 8 already made" in res.output
+    assert "measures: scs (efficientnet-lite0), composition (shapes)" in res.output
+
+
+def test_missing_prerequisites_skip_the_measure_with_a_note(tmp_path, monkeypatch):
+    from diffprobe.audit import run_audit
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = TINY_AUDIT.replace("guidance:\n  - {name: cfg, scale: 3.5}\n  - {name: scfg, scale: [2, 4]}\n",
+                              "guidance:\n  - {name: cfg, scale: 3.5}\n  - {name: cfg, label: strong, scale: 6}\n")
+    text = text.replace("seeds: 0-1", "seeds: 0-1\nper_category: 1")
+    text += "  irs: {train: no-such-folder}\n  clip: {model: " + str(tmp_path / "no-clip") + "}\n"
+    result = run_audit(write_config(tmp_path, text), tmp_path / "out", progress=False)
+    notes = result.summary["notes"]
+    assert any(n.startswith("irs: reference folder") and "no-such-folder" in n for n in notes), notes
+    assert any(n.startswith("clip:") for n in notes), notes
+    measures = result.summary["arms"][0]["measures"]
+    assert "scs" in measures and "composition" in measures and "clip" not in measures and "irs" not in measures
+    html = result.index.read_text(encoding="utf-8")
+    assert "irs: reference folder" in html
+
+
+def test_an_interrupted_audit_resumes_keeping_what_it_made(tmp_path, monkeypatch):
+    import diffprobe.sampling
+    from diffprobe.audit import run_audit
+    from diffprobe.store import open_run
+
+    config = write_config(tmp_path, TINY_AUDIT.replace("batch_size: 8", "batch_size: 2"))
+    real, calls = diffprobe.sampling.sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # the first arm (4 batches) is done, the second holds 2 batches
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffprobe.sampling, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(config, tmp_path / "out", progress=False)
+    monkeypatch.setattr(diffprobe.sampling, "sample", real)
+    arms = sorted((tmp_path / "out" / "arms").iterdir())
+    before = {}
+    for run in arms:
+        with open_run(run) as store:
+            before[run.name] = {s.key: s.created for s in store.samples()}
+    assert sorted(len(v) for v in before.values()) == [4, 8]
+    result = run_audit(config, tmp_path / "out", progress=False)
+    assert [a["images"] for a in result.summary["arms"]] == [8, 8, 8]
+    for run in arms:
+        with open_run(run) as store:
+            after = {s.key: s.created for s in store.samples()}
+        assert {k: after[k] for k in before[run.name]} == before[run.name]  # kept, not made again
+
+
+def test_scs_shares_average_to_the_prompts_scs(audit):
+    from diffprobe.report.data import gather_run, scs_contributions
+
+    _, result = audit
+    arm = gather_run(next((result.audit_dir / "arms").iterdir()))
+    shares = scs_contributions(arm, arm.prompts)
+    assert len(shares) == 8
+    for prompt, scs in arm.per_prompt("scs").items():
+        assert np.mean([v for (p, _), v in shares.items() if p == prompt]) == pytest.approx(scs)
+    assert "SCS share" in result.index.read_text(encoding="utf-8")
