@@ -165,13 +165,16 @@ def test_missing_prerequisites_skip_the_measure_with_a_note(tmp_path, monkeypatc
     text = TINY_AUDIT.replace("guidance:\n  - {name: cfg, scale: 3.5}\n  - {name: scfg, scale: [2, 4]}\n",
                               "guidance:\n  - {name: cfg, scale: 3.5}\n  - {name: cfg, label: strong, scale: 6}\n")
     text = text.replace("seeds: 0-1", "seeds: 0-1\nper_category: 1")
-    text += "  irs: {train: no-such-folder}\n  clip: {model: " + str(tmp_path / "no-clip") + "}\n"
+    text += ("  irs: {train: no-such-folder}\n  clip: {model: " + str(tmp_path / "no-clip") + "}\n"
+             "  fd: {ref: no-such-reference, embedder: random-projection}\n")
     result = run_audit(write_config(tmp_path, text), tmp_path / "out", progress=False)
     notes = result.summary["notes"]
     assert any(n.startswith("irs: reference folder") and "no-such-folder" in n for n in notes), notes
     assert any(n.startswith("clip:") for n in notes), notes
+    assert any(n.startswith("fd: reference") and "no-such-reference" in n for n in notes), notes
     measures = result.summary["arms"][0]["measures"]
     assert "scs" in measures and "composition" in measures and "clip" not in measures and "irs" not in measures
+    assert "fd" not in measures
     html = result.index.read_text(encoding="utf-8")
     assert "irs: reference folder" in html
 
@@ -218,3 +221,30 @@ def test_scs_shares_average_to_the_prompts_scs(audit):
     for prompt, scs in arm.per_prompt("scs").items():
         assert np.mean([v for (p, _), v in shares.items() if p == prompt]) == pytest.approx(scs)
     assert "SCS share" in result.index.read_text(encoding="utf-8")
+
+
+def test_fd_against_a_reference_is_the_quality_column(tmp_path):
+    from PIL import Image
+
+    from diffprobe.audit import run_audit
+    from diffprobe.metrics.fd import score_fd
+
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    text = TINY_AUDIT.replace("guidance:\n  - {name: cfg, scale: 3.5}\n  - {name: scfg, scale: [2, 4]}\n",
+                              "guidance:\n  - {name: cfg, scale: 3.5}\n  - {name: cfg, label: strong, scale: 6}\n")
+    text = text.replace("seeds: 0-1", "seeds: 0-1\nper_category: 1").replace("  composition: {judge: shapes}\n", "")
+    text += "  fd: {ref: reference, embedder: random-projection}\n"
+    result = run_audit(write_config(tmp_path, text), tmp_path / "out", progress=False)
+    values = {}
+    for arm in result.summary["arms"]:
+        direct = score_fd(result.audit_dir / arm["run_dir"], ref, embedder="random-projection")
+        assert arm["measures"]["fd"]["mean"] == pytest.approx(direct["fd"], rel=1e-9)
+        assert arm["measures"]["fd"]["is_fid"] is False
+        values[arm["label"]] = direct["fd"]
+    html = result.index.read_text(encoding="utf-8")
+    assert "FD (not FID)" in html
+    assert values["cfg"] != values["strong"]

@@ -81,6 +81,16 @@ class IrsMeasure(BaseModel):
     weights: Path | None = None
 
 
+class FdMeasure(BaseModel):
+    """Fréchet distance and KID against a reference folder (or saved statistics); FID proper with ``inception``."""
+
+    model_config = ConfigDict(extra="forbid")
+    ref: Path
+    embedder: str = "auto"
+    weights: Path | None = None
+    inception: Path | None = None  # inception-2015-12-05.pt (TorchScript): FID comparable with published numbers
+
+
 class Measures(BaseModel):
     """Which measures to take; a measure left out (or ``false``) is not taken."""
 
@@ -90,6 +100,7 @@ class Measures(BaseModel):
     composition: CompositionMeasure | Literal["auto"] | None = "auto"  # auto: the exact judge on shapes models
     clip: ClipMeasure | None = None
     irs: IrsMeasure | None = None
+    fd: FdMeasure | None = None
 
     @field_validator("scs", "composition", "clip", mode="before")
     @classmethod
@@ -409,6 +420,8 @@ def _measure_names(config: AuditConfig) -> list[str]:
         names.append(f"clip ({m.clip.model})")
     if m.irs is not None:
         names.append("irs")
+    if m.fd is not None:
+        names.append("fd")
     return names
 
 
@@ -494,6 +507,25 @@ def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], not
         else:
             _each(arms, "irs", notes, console, lambda: _embedder(m.irs.embedder, m.irs.weights),
                   lambda emb, arm: write_json(score_irs(arm.run_dir, train, test, embedder=emb), scores(arm, "irs")))
+    if m.fd is not None:
+        from .metrics.fd import score_fd
+
+        ref = m.fd.ref if m.fd.ref.is_absolute() else config_path.parent / m.fd.ref
+        inception = m.fd.inception
+        if inception is not None and not inception.is_absolute():
+            inception = config_path.parent / inception
+        if not ref.exists():
+            _skip(notes, console, f"fd: reference {ref} is missing (a folder of images or a --save-stats .npz)")
+        elif inception is not None and not inception.is_file():
+            _skip(notes, console, f"fd: Inception file {inception} is missing (inception-2015-12-05.pt)")
+        else:
+            def fd_embedder():
+                if inception is None:
+                    return _embedder(m.fd.embedder, m.fd.weights)
+                return _embedder("inception-torchscript", inception)
+
+            _each(arms, "fd", notes, console, fd_embedder,
+                  lambda emb, arm: write_json(score_fd(arm.run_dir, ref, embedder=emb), scores(arm, "fd")))
 
 
 def _embedder(name: str, weights: Path | None):

@@ -156,7 +156,7 @@ def _p(value: float | None) -> str:
 
 def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Columns present in any arm, and one row per arm with each cell's value, interval, difference to the
-    baseline with its p-values, and whether it is the best of the column (higher is better for every measure)."""
+    baseline with its p-values, and whether it is the best of the column (higher is better, but for FD/FID)."""
     columns: list[tuple[str, str, str]] = []  # (id, title, kind)
     present = {k for m in arm_measures.values() for k in m}
     if "scs" in present:
@@ -169,6 +169,9 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
         columns.append(("clip", "CLIP score", "mean"))
     if "irs" in present:
         columns.append(("irs", "IRS∞", "irs"))
+    if "fd" in present:
+        fid = all(m["fd"].get("is_fid") for m in arm_measures.values() if "fd" in m)
+        columns.append(("fd", "FID" if fid else "FD (not FID)", "fd"))
 
     def cell_value(m: dict[str, Any], column: str) -> dict[str, Any] | None:
         if column.startswith("composition:"):
@@ -185,7 +188,7 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
         values = [value_of(cell_value(m, cid)) for m in arm_measures.values()]
         values = [v for v in values if v is not None]
         if len(values) > 1 and len(set(values)) > 1:  # a column where every arm ties has no best
-            best[cid] = max(values)
+            best[cid] = min(values) if cid == "fd" else max(values)  # a smaller distance is better
     rows = []
     for arm in report.arms:
         m = arm_measures[arm.label]

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 
 SCORES_DIR = "scores"
-SCORE_FILES = ("scs", "clip", "irs", "composition")
+SCORE_FILES = ("scs", "clip", "irs", "composition", "fd")
 
 
 @dataclass
@@ -170,13 +170,17 @@ def measures(arm: Arm) -> dict[str, Any]:
                           "irs_alpha": syn.get("irs_alpha"), "bounds": irs.get("bounds")}
             if adjusted := irs.get("adjusted"):
                 out["irs"]["adjusted"] = adjusted.get("irs_adjusted")
+    if (fd := arm.scores.get("fd")) and fd.get("fd") is not None:
+        kid = fd.get("kid") or {}
+        out["fd"] = {"mean": fd["fd"], "is_fid": fd.get("is_fid"), "note": fd.get("fid_note"),
+                     "kid": kid.get("kid"), "kid_sd": kid.get("kid_sd")}
     return out
 
 
 def identities(arm: Arm) -> dict[str, Any]:
     """Who measured what: the embedders and the judge recorded in the arm's score files."""
     out: dict[str, Any] = {}
-    for name in ("scs", "clip", "irs"):
+    for name in ("scs", "clip", "irs", "fd"):
         if emb := arm.scores.get(name, {}).get("embedder"):
             out[f"{name} embedder"] = emb
     if judge := arm.scores.get("composition", {}).get("judge"):
