@@ -264,6 +264,18 @@ def bootstrap_mean_ci(d: np.ndarray, n_boot: int = 10000, confidence: float = 0.
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def mcnemar_exact(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test of paired successes ``a`` and ``b`` (one pair per item): only discordant pairs count, and
+    under the null each is equally likely to favour either side, so the two-sided p is the binomial test's."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise InputError(f"McNemar needs two equally long 1-d lists of paired outcomes (got {a.shape} and {b.shape})")
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(stats.binomtest(only_b, n, 0.5).pvalue)
+    return {"n_pairs": int(a.size), "a_only": only_a, "b_only": only_b, "p": p}
+
+
 def rank_biserial(d: np.ndarray) -> float:
     """Matched-pairs rank-biserial correlation (W+ - W-) / (W+ + W-) over non-zero differences."""
     d = d[d != 0]
