@@ -150,6 +150,7 @@ def mine(args: argparse.Namespace, prompts: list[Prompt]) -> Path:
         cli("seeds", "mine", "--model", "shapes", "--prompts", str(write_prompts(args.out / "prompts/mine.jsonl",
             prompts)), "--seeds", f"0-{args.candidates - 1}", "--top", str(args.top), "--judge", "shapes",
             "--out", str(run), *common(args))
+        cli("seeds", "show", str(file), "--limit", "10")
     return file
 
 
@@ -179,10 +180,17 @@ def finetune(args: argparse.Namespace, data: Path, kind: str, lr: float) -> Path
 
 def generate_judged(args: argparse.Namespace, model: str, prompts: Path, seeds: str, run: Path,
                     *extra: str) -> Path:
-    """Generate (resumes) and judge (only new images) one run."""
-    cli("generate", "--model", model, "--prompts", str(prompts), "--seeds", seeds, "--out", str(run),
-        *common(args), *extra)
+    """Generate (resumes) and judge (only new images) one run; a finished run with the same command is skipped
+    without starting a process (the marker lives beside the runs, in OUT/done/)."""
+    argv = ["generate", "--model", model, "--prompts", str(prompts), "--seeds", seeds, "--out", str(run),
+            *common(args), *extra]
+    marker = args.out / "done" / (str(run.relative_to(args.out)).replace("/", "__") + ".json")
+    if marker.is_file() and json.loads(marker.read_text()) == argv:
+        return run
+    cli(*argv)
     cli("judge", str(run), "--judge", "shapes", "--quiet")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(argv))
     return run
 
 
@@ -190,7 +198,6 @@ def select(args: argparse.Namespace, timer: Timer) -> dict[str, Any]:
     """Stages 1-3 on the TRAIN split, ending with the chosen learning rate of each fine-tuning kind."""
     splits = train_splits(args)
     seeds_file = timer.run("mine", mine, args, splits["mine"])
-    cli("seeds", "show", str(seeds_file), "--limit", "10")
     data = timer.run("dataset", dataset, args, splits["data"], seeds_file)
     select_file = write_prompts(args.out / "prompts/select.jsonl", splits["select"])
     choice: dict[str, Any] = {"split": "train", "select_prompts": len(splits["select"]), "kinds": {}}
