@@ -30,6 +30,8 @@ VLM_JUDGE = ("needs that server and a run of a hub model (tests/test_vlm_judge.p
 DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.py runs the same command with a tiny "
             "local detector)")
 SD21 = HUB + ", the user's copy of Comp90 and a VLM server (tests/test_seeds.py mines with the same code)"
+SEEDS_EXPERIMENT = ("the whole reliable-seeds experiment: about 40 processes and fine-tunes, CPU-hours at the "
+                    "full size and minutes even at the smoke size (its commands are each run by the seeds section)")
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); tests/test_audit.py runs a smaller audit",
     "diffprobe audit examples/audit-shapes.yaml --out runs/demo-audit": "the demo audit takes minutes; "
@@ -87,6 +89,12 @@ SKIPPED = {
     "/tmp/fd-fmnist-fd/heldout-efficientnet-lite0@64.json": FMNIST,
     "diffprobe score fd /tmp/fd-fmnist-fd/half/test --ref /tmp/fd-fmnist-fd/train-efficientnet-lite0@64.npz "
     "--embedder efficientnet-lite0@64 --out /tmp/fd-fmnist-fd/half-efficientnet-lite0@64.json": FMNIST,
+    "python examples/seeds_shapes.py --out results/real --mine-prompts 20 --candidates 10 --data-prompts 30 "
+    "--select-prompts 8 --lrs 1e-4 1e-3 --full-lrs 1e-4 --ft-steps 100 --ft-batch 16 --eval-prompts 15 --images 2 "
+    "--single-prompts 8 --single-images 3": SEEDS_EXPERIMENT,
+    "python examples/seeds_shapes.py --out results/smoke --mine-prompts 5 --candidates 3 --top 2 --data-prompts 5 "
+    "--select-prompts 2 --lrs 1e-4 1e-3 --full-lrs 1e-4 --ft-steps 4 --ft-batch 4 --checkpoint-every 2 "
+    "--eval-prompts 2 --single-prompts 2 --single-images 2 --sampler-steps 5 --n-boot 200": SEEDS_EXPERIMENT,
     "diffprobe seeds mine --model stabilityai/stable-diffusion-2-1 --prompts "
     "comp90-numerical-mining:Reliable-Random-Seeds/prompt_dataset --seeds 0-99 --dtype fp16 --generator-device cuda "
     "--judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2-VL-7B-Instruct --out runs/sd21-mine":
