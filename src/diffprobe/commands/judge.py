@@ -259,7 +259,7 @@ def vlm_options(judges: list[str], *, url: str | None, model: str | None, templa
     return given if "vlm" in judges else {}
 
 
-# The judges' own flags, defined once: `diffprobe judge` and `diffprobe score composition` both take them.
+# The judges' own flags, defined once; with_judge_flags gives them to judge, score composition, seeds mine and dataset.
 DetectorModel = Annotated[str | None, typer.Option("--detector", help="OWLv2 / OWL-ViT / Grounding DINO hub id or "
                           "local folder.", rich_help_panel=DETECTOR_PANEL)]
 BoxThreshold = Annotated[float | None, typer.Option("--box-threshold", help="Boxes count when their score is above "
