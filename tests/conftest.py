@@ -38,3 +38,24 @@ def tiny_sd(tiny_sd_path):
     from diffprobe.models import load_model
 
     return load_model(str(tiny_sd_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def make_shapes_run(tmp_path_factory):
+    """``make(name, prompts, seeds)``: a shapes-model run (2 steps) of jsonl prompt records, made through the CLI."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    def make(name: str, prompts: list[dict], seeds: str = "0-1"):
+        folder = tmp_path_factory.mktemp(name)
+        prompt_file = folder / "prompts.jsonl"
+        prompt_file.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+        res = CliRunner().invoke(app, ["generate", "--model", "shapes", "--prompts", str(prompt_file), "--steps", "2",
+                                       "--seeds", seeds, "--out", str(folder / "run"), "-q"])
+        assert res.exit_code == 0, res.output
+        return folder / "run"
+
+    return make

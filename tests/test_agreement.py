@@ -148,14 +148,9 @@ def invoke(args):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("agreement")
-    prompts = folder / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
-    res = invoke(["generate", "--model", "shapes", "--prompts", prompts, "--steps", "2", "--seeds", "0-3",
-                  "--out", folder / "run", "-q"])
-    assert res.exit_code == 0, res.output
-    store = open_run(folder / "run")
+def run(make_shapes_run):
+    path = make_shapes_run("agreement", PROMPTS, seeds="0-3")
+    store = open_run(path)
     samples = [s for s in store.samples() if s.prompt != "a green circle"]
     store.close()
     samples.sort(key=lambda s: s.key)
@@ -164,7 +159,7 @@ def run(tmp_path_factory):
     assert len(set(hashes)) == 12
     SCRIPT["A"] = dict(zip(hashes, VERDICTS_A, strict=True))
     SCRIPT["B"] = dict(zip(hashes, VERDICTS_B, strict=True))
-    return folder / "run", samples
+    return path, samples
 
 
 def category(sample) -> str:

@@ -405,14 +405,8 @@ def invoke(args):
 
 
 @pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("detector-run")
-    prompts = folder / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
-    res = invoke(["generate", "--model", "shapes", "--prompts", prompts, "--steps", "2", "--seeds", "0-1",
-                  "--out", folder / "run", "-q"])
-    assert res.exit_code == 0, res.output
-    return folder / "run"
+def shapes_run(make_shapes_run):
+    return make_shapes_run("detector-run", PROMPTS)
 
 
 def test_cli_judges_a_run_with_the_tiny_detector_and_resumes(shapes_run, owl_paths, tmp_path):

@@ -42,14 +42,8 @@ def tables(run):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("judge")
-    prompts = folder / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
-    res = invoke(["generate", "--model", "shapes", "--prompts", prompts, "--steps", "2", "--seeds", "0-1",
-                  "--out", folder / "run", "-q"])
-    assert res.exit_code == 0, res.output
-    return folder / "run"
+def run(make_shapes_run):
+    return make_shapes_run("judge", PROMPTS)
 
 
 def test_judge_stores_verdicts_resumes_and_summarizes(run, tmp_path):
