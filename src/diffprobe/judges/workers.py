@@ -31,8 +31,13 @@ class JudgingWorker:
         self.recipe = recipe
         self.judge: Judge | None = None
 
+    kind = "judging"
+
     def __getstate__(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "judge": None}
+
+    def pool_key(self) -> str:
+        return repr(self.recipe)
 
     def setup(self) -> dict[str, Any]:
         self.judge = self.recipe.build()
