@@ -475,8 +475,8 @@ def _skip(notes: list[str], console: Console, text: str) -> None:
 
 def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], notes: list[str], console: Console,
                 progress: bool, backend: Backend | None = None) -> None:
-    """Score and judge every arm; each measure's model loads once for all arms (in this process, and, with a
-    distributed ``backend`` such as :class:`~diffprobe.distributed.ReusePools` of Ray, once per worker)."""
+    """Score and judge every arm; each measure's model loads once for all arms: in this process, and on each worker
+    of a distributed ``backend`` that keeps its pool across arms (:class:`~diffprobe.distributed.ReusePools`)."""
     from .commands.judge import judge_run
     from .metrics.provenance import write_json
 

@@ -117,13 +117,14 @@ class ReusePools:
     """A backend that keeps the pool it started for the next start of the same work (workers with equal
     ``pool_key()``), so a command made of several steps (an audit's arms, a reference and a sample set) loads each
     model once. It holds one pool at a time: starting other work stops the pool before, which frees its CPUs and
-    GPUs for the next one. ``started`` lists every pool it started, with its worker's kind, for the summary."""
+    GPUs for the next one. It remembers the kind and the per-worker stats of every pool it started (not the pool:
+    a stopped pool's model is freed)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.name = backend.name
         self.current: tuple[str, Pool] | None = None
-        self.started: list[tuple[str, Pool]] = []
+        self.started: list[tuple[str, list[WorkerStats]]] = []
 
     def start(self, worker: Worker) -> Pool:
         key_of = getattr(worker, "pool_key", None)
@@ -132,7 +133,7 @@ class ReusePools:
             return KeptPool(self, self.current[1])
         self.release()
         pool = self.backend.start(worker)
-        self.started.append((worker_kind(worker), pool))
+        self.started.append((worker_kind(worker), pool.stats))
         if key is None:
             return pool
         self.current = (key, pool)
@@ -140,7 +141,7 @@ class ReusePools:
 
     def worker_stats(self) -> list[tuple[str, list[WorkerStats]]]:
         """(kind, per-worker stats) of every pool started, in order."""
-        return [(kind, list(pool.stats)) for kind, pool in self.started]
+        return [(kind, list(stats)) for kind, stats in self.started]
 
     def release(self, pool: Pool | None = None) -> None:
         """Stop the kept pool (only if it is ``pool``, when given)."""
