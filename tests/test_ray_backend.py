@@ -436,3 +436,26 @@ def test_reuse_pools_stop_a_pool_whose_stream_was_left_early():
     assert setups == ["a", "a", None, None] and inner.closed == ["a", "a"]
     for pool in plain:
         pool.close()
+
+
+@pytest.mark.parametrize("command", ["seeds mine", "audit", "score clip", "score fd", "score composition"])
+def test_every_command_with_the_backend_flags_refuses_them_without_ray_backend(command, monkeypatch, tmp_path):
+    from report_helpers import write_config
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    config = write_config(tmp_path)
+    run, out = str(tmp_path / "run"), ["--out", str(tmp_path / "out.json")]  # the flags are checked before the run
+    args = {"seeds mine": ["seeds", "mine", "--prompts", "shapes-train-count", "--seeds", "0-1", "--out",
+                           str(tmp_path / "mine")],
+            "audit": ["audit", str(config), "--out", str(tmp_path / "audit")],
+            "score clip": ["score", "clip", run, *out],
+            "score fd": ["score", "fd", run, "--ref", run, *out],
+            "score composition": ["score", "composition", run, *out]}[command]
+    res = CliRunner().invoke(app, [*args, "--workers", "2"])
+    assert res.exit_code == 2 and "--workers only apply to --backend ray" in res.output, res.output
+    monkeypatch.setitem(sys.modules, "ray", None)
+    res = CliRunner().invoke(app, [*args, "--backend", "ray"])
+    assert res.exit_code == 2 and "pip install 'diffprobe[ray]'" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.yaml", "prompts.jsonl"]  # nothing made
