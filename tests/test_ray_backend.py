@@ -328,7 +328,8 @@ def test_seeds_mine_on_ray_equals_local(ray_cluster, tmp_path):
         assert files["ray"][field] == files["local"][field], field
     assert files["ray"]["timing"]["images_generated"] == files["ray"]["timing"]["images_judged"] == 12
     shares = worker_shares(outputs["ray"])
-    assert {kind: (len(s), sum(s)) for kind, s in shares.items()} == {"generation": (2, 12), "judging": (2, 12)}
+    assert {kind: (len(s), sum(s)) for kind, s in shares.items()} == {"generation (shapes)": (2, 12),
+                                                                      "judging (shapes)": (2, 12)}
     assert worker_shares(outputs["local"]) == {}
 
 
@@ -348,7 +349,7 @@ def test_seeds_mine_on_ray_resumes_a_complete_local_run_without_sampling(ray_clu
     assert again.data["timing"]["images_generated"] == again.data["timing"]["images_judged"] == 0
     assert again.data["categories"] == local.data["categories"] and again.data["latents"] == local.data["latents"]
     assert (tmp_path / "run" / "reliable_seeds.safetensors").read_bytes() == before
-    assert [kind for kind, _ in again.workers] == ["generation"]
+    assert [kind for kind, _ in again.workers] == ["generation (shapes)"]
 
 
 @pytest.mark.slow
@@ -364,7 +365,9 @@ def test_audit_on_ray_loads_each_model_once_and_equals_local(ray_cluster, tmp_pa
     config = write_config(tmp_path, text)
     local = run_audit(config, tmp_path / "local", progress=False, report=False)
     remote = run_audit(config, tmp_path / "ray", progress=False, report=False, backend=ray_backend())
-    assert [kind for kind, _ in remote.workers] == ["generation", "embedding", "judging"]  # two arms, one model load
+    # two arms, one load of the model
+    assert [kind for kind, _ in remote.workers] == ["generation (shapes)", "embedding (efficientnet-lite0)",
+                                                    "judging (shapes)"]
     # 2 arms x 4 prompts x 3 seeds images, all embedded; the 3 prompts with a question are judged
     assert [sum(s.items for s in stats) for _, stats in remote.workers] == [24, 24, 18]
     assert [a["measures"] for a in remote.summary["arms"]] == [a["measures"] for a in local.summary["arms"]]
@@ -438,7 +441,8 @@ def test_reuse_pools_stop_a_pool_whose_stream_was_left_early():
         pool.close()
 
 
-@pytest.mark.parametrize("command", ["seeds mine", "audit", "score clip", "score fd", "score composition"])
+@pytest.mark.parametrize("command", ["seeds mine", "audit", "score clip", "score fd", "score extractors",
+                                     "score composition"])
 def test_every_command_with_the_backend_flags_refuses_them_without_ray_backend(command, monkeypatch, tmp_path):
     from report_helpers import write_config
     from typer.testing import CliRunner
@@ -452,6 +456,7 @@ def test_every_command_with_the_backend_flags_refuses_them_without_ray_backend(c
             "audit": ["audit", str(config), "--out", str(tmp_path / "audit")],
             "score clip": ["score", "clip", run, *out],
             "score fd": ["score", "fd", run, "--ref", run, *out],
+            "score extractors": ["score", "extractors", "--train", run, "--test", run, "--embedders", "pixels", *out],
             "score composition": ["score", "composition", run, *out]}[command]
     res = CliRunner().invoke(app, [*args, "--workers", "2"])
     assert res.exit_code == 2 and "--workers only apply to --backend ray" in res.output, res.output

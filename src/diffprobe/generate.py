@@ -189,7 +189,9 @@ class GenerationWorker:
         self.spec = spec
         self.adapter = adapter
 
-    kind = "generation"
+    @property
+    def kind(self) -> str:
+        return f"generation ({self.spec.model.name})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "adapter": None}  # a worker loads its own model; a loaded one never travels

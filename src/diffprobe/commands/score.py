@@ -359,16 +359,22 @@ def extractors_cmd(
     strict: Strict = False,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """The IRS paper's extractor study: agreement with a consensus pseudo ground truth, real-data IRS-inf, and
     pairwise agreement."""
     from ..metrics.extractors import score_extractors
 
     target = _target(out, Path.cwd() / f"{test.resolve().name}_extractors.json")
-    with _Bar() as progress:
+    # one pool per extractor embeds both folders
+    with _pools(backend, address, workers, gpus_per_worker) as runner, _Bar() as progress:
         result = score_extractors(train, test, embedders, min_agree=consensus, metric=metric, device=device,
                                   batch_size=batch_size, cache=_cache(no_cache, cache_dir), strict=strict,
-                                  progress=progress)
+                                  progress=progress, backend=runner)
+    bo.print_pool_summaries(console, runner.worker_stats())
     console.print(
         f"N = {result['n_train']} train, n = {result['n_test']} test images; pseudo ground truth where >= "
         f"{result['min_agree']} of {len(result['extractors'])} extractors agree: {result['n_consensus']} "

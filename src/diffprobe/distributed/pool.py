@@ -85,7 +85,7 @@ class LocalBackend:
 
 
 def worker_kind(worker: Worker) -> str:
-    """What a worker does, for summaries (``generation``, ``embedding``, ``judging``)."""
+    """What a worker does, for summaries (``generation (MODEL)``, ``embedding (EMBEDDER)``, ``judging (JUDGE)``)."""
     return str(getattr(worker, "kind", type(worker).__name__))
 
 

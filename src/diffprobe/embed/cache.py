@@ -148,7 +148,9 @@ class EmbeddingWorker:
         self.recipe = recipe
         self.embedder: Embedder | None = None
 
-    kind = "embedding"
+    @property
+    def kind(self) -> str:
+        return f"embedding ({self.recipe.name})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "embedder": None}

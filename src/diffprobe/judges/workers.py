@@ -31,7 +31,9 @@ class JudgingWorker:
         self.recipe = recipe
         self.judge: Judge | None = None
 
-    kind = "judging"
+    @property
+    def kind(self) -> str:
+        return f"judging ({self.recipe.name})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "judge": None}
