@@ -45,8 +45,9 @@ def ray_cluster():
     # Workers import diffprobe and the toy workers (tests/ray_toys.py) the way the driver does.
     paths = [str(TESTS), *(p for p in sys.path if p)]
     env = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
-             runtime_env={"env_vars": env})
+    # a small object store: the tests move small images, and CI containers often have a small /dev/shm
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+             logging_level="warning", runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
