@@ -1,12 +1,16 @@
 """The Ray backend on a local two-CPU Ray cluster: the same images and job keys as the local backend, no finished
 image lost when an actor dies, bounded retries, and a worker that cannot load its model fails the run at once.
 
-Every test that needs Ray starts its own actor pool (fresh worker processes, 15-30 s each on a busy 2-core machine),
-so they are marked slow (``pytest -m slow tests/test_ray_backend.py`` with ``pip install 'diffprobe[ray]'``); the
-tests of choosing a backend run without Ray."""
+One Ray instance (``ray.init(num_cpus=2)``) serves the whole session; each test still starts its own actor pool
+(fresh worker processes that import torch and load the model: 5-30 s each on a busy 2-core machine). The tests that
+run in CI (not marked slow) are the identity test with the tiny SD model, seed mining with the shapes model and
+judge (the shapes model's identity), the killed-actor retry and the worker that cannot load; the others are slow
+(``pytest -m slow tests/test_ray_backend.py``). Without Ray (``pip install 'diffprobe[ray]'``) they are skipped;
+the tests of choosing a backend and of reusing pools run without it."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 from ray_toys import Squares
 
-from diffprobe.distributed import LocalBackend, make_backend
+from diffprobe.distributed import LocalBackend, ReusePools, make_backend
 from diffprobe.errors import InputError, WorkerError
 from diffprobe.generate import generate
 from diffprobe.spec import GuidanceSpec, ModelSpec, RunSpec, SamplerSpec
@@ -22,6 +26,7 @@ from diffprobe.store import open_run
 
 TESTS = Path(__file__).resolve().parent
 START_TIMEOUT = 120.0  # seconds for the actors of one pool to load their model
+NO_RAY = "Ray is not installed; pip install 'diffprobe[ray]' (make install does) to run the Ray backend tests"
 
 
 def spec_for(model: str, prompts=("a red cube", "a blue ball"), seeds=(0, 1, 2), size: int | None = 16) -> RunSpec:
@@ -34,14 +39,15 @@ def images_by_job(run) -> dict[tuple[str, int], tuple[str, str]]:
         return {(s.prompt, s.seed): (s.key, s.image_sha256) for s in store.samples()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray", reason=NO_RAY)
     # Workers import diffprobe and the toy workers (tests/ray_toys.py) the way the driver does.
     paths = [str(TESTS), *(p for p in sys.path if p)]
     env = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
-             runtime_env={"env_vars": env})
+    # a small object store: the tests move small images, and CI containers often have a small /dev/shm
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+             logging_level="warning", runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -63,7 +69,6 @@ def collect(pool, batches):
     return got
 
 
-@pytest.mark.slow
 def test_worker_process_killed_mid_batch_is_retried_elsewhere(ray_cluster, tmp_path):
     backend = ray_backend()
     pool = backend.start(Squares(die_on=5, marker=str(tmp_path / "died")))
@@ -89,7 +94,6 @@ def test_a_batch_that_kills_every_worker_fails_with_its_name(ray_cluster, tmp_pa
         pool.close()
 
 
-@pytest.mark.slow
 def test_a_worker_that_cannot_set_up_fails_the_start_with_its_message(ray_cluster):
     with pytest.raises(WorkerError, match="while loading failed: RuntimeError: no weights in /nowhere"):
         ray_backend(workers=1).start(Squares(setup_error="no weights in /nowhere"))
@@ -109,7 +113,6 @@ def test_missing_model_fails_as_it_does_locally(ray_cluster, tmp_path):
 # --- generation ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_tiny_sd_on_ray_matches_local_bit_for_bit_and_resumes_a_local_run(ray_cluster, tiny_sd, tiny_sd_path,
                                                                           tmp_path):
     spec = spec_for(str(tiny_sd_path))
@@ -274,3 +277,191 @@ def test_cli_score_scs_on_ray_gives_the_local_scores(ray_cluster, tmp_path):
         assert res.exit_code == 0, res.output
         scores[name] = json.loads(out.read_text())["per_prompt"]
     assert scores["ray"] == scores["local"] and len(scores["local"]) == 2
+
+
+# --- seed mining and audits ---------------------------------------------------------------------------------
+
+MINE_PROMPTS = [
+    {"prompt": "two red circles", "kind": "count", "objects": ["red circle"], "count": 2},
+    {"prompt": "three blue squares", "kind": "count", "objects": ["blue square"], "count": 3},
+    {"prompt": "a red circle to the left of a blue square", "kind": "relation",
+     "objects": ["red circle", "blue square"], "relation": "left_of"},
+]
+
+
+def worker_shares(output: str) -> dict[str, list[int]]:
+    """Images per worker under each 'KIND, per worker:' heading of a command's summary."""
+    shares: dict[str, list[int]] = {}
+    kind = None
+    for line in output.splitlines():
+        if line.endswith(", per worker:"):
+            kind = line.removesuffix(", per worker:")
+        elif line.startswith("ray-") and kind is not None:
+            shares.setdefault(kind, []).append(int(line.split(": ")[1].split()[0]))
+    return shares
+
+
+def test_seeds_mine_on_ray_equals_local(ray_cluster, tmp_path):
+    """Generation and judging of the grid on two Ray workers: the shapes model's images (same job keys, same
+    bytes), the exact judge's verdicts and the reliable seeds file are the local run's."""
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in MINE_PROMPTS), encoding="utf-8")
+    base = ["seeds", "mine", "--model", "shapes", "--prompts", str(prompts), "--seeds", "0-3", "--steps", "2",
+            "--height", "32", "--width", "32", "--judge", "shapes", "--top", "2", "--batch-size", "2", "-q"]
+    outputs = {}
+    for name, flags in (("local", []), ("ray", ["--backend", "ray", "--workers", "2"])):
+        res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / name), *flags])
+        assert res.exit_code == 0, res.output
+        outputs[name] = res.output
+    assert images_by_job(tmp_path / "ray") == images_by_job(tmp_path / "local")
+    assert len(images_by_job(tmp_path / "local")) == 12
+    verdicts = {}
+    for name in ("local", "ray"):
+        with open_run(tmp_path / name) as store:
+            verdicts[name] = sorted((v.key, v.correct, v.answer) for v in store.judge_verdicts({"name": "shapes"}))
+    assert verdicts["ray"] == verdicts["local"] and len(verdicts["local"]) == 12
+    files = {name: json.loads((tmp_path / name / "reliable_seeds.json").read_text()) for name in ("local", "ray")}
+    for field in ("categories", "latents", "model", "sampler", "judge", "skipped"):
+        assert files["ray"][field] == files["local"][field], field
+    assert files["ray"]["timing"]["images_generated"] == files["ray"]["timing"]["images_judged"] == 12
+    shares = worker_shares(outputs["ray"])
+    assert {kind: (len(s), sum(s)) for kind, s in shares.items()} == {"generation (shapes)": (2, 12),
+                                                                      "judging (shapes)": (2, 12)}
+    assert worker_shares(outputs["local"]) == {}
+
+
+@pytest.mark.slow
+def test_seeds_mine_on_ray_resumes_a_complete_local_run_without_sampling(ray_cluster, tmp_path):
+    """A complete grid needs the model only for its latents' shape, which a worker reports."""
+    from diffprobe.judges import make_judge
+    from diffprobe.prompts import Prompt
+    from diffprobe.seeds.mine import mine_seeds
+
+    items = [Prompt(p["prompt"], {k: v for k, v in p.items() if k != "prompt"}) for p in MINE_PROMPTS]
+    spec = spec_for("shapes", prompts=[p.text for p in items], seeds=range(4), size=32)
+    local = mine_seeds(spec, items, tmp_path / "run", make_judge("shapes"), top_n=2, progress=False)
+    before = (tmp_path / "run" / "reliable_seeds.safetensors").read_bytes()
+    again = mine_seeds(spec, items, tmp_path / "run", make_judge("shapes"), top_n=2, progress=False,
+                       backend=ray_backend(workers=1))
+    assert again.data["timing"]["images_generated"] == again.data["timing"]["images_judged"] == 0
+    assert again.data["categories"] == local.data["categories"] and again.data["latents"] == local.data["latents"]
+    assert (tmp_path / "run" / "reliable_seeds.safetensors").read_bytes() == before
+    assert [kind for kind, _ in again.workers] == ["generation (shapes)"]
+
+
+@pytest.mark.slow
+def test_audit_on_ray_loads_each_model_once_and_equals_local(ray_cluster, tmp_path):
+    from report_helpers import write_config
+
+    from diffprobe.audit import run_audit
+
+    text = ("name: tiny\nmodels: [shapes]\nprompts: prompts.jsonl\n"
+            "seeds: 0-2\nsampler: {steps: 2, height: 32, width: 32}\nbatch_size: 2\n"
+            "guidance:\n  - {name: cfg, scale: [3.5, 5]}\n"
+            "measures:\n  scs: {embedder: efficientnet-lite0}\n  composition: {judge: shapes}\n")
+    config = write_config(tmp_path, text)
+    local = run_audit(config, tmp_path / "local", progress=False, report=False)
+    remote = run_audit(config, tmp_path / "ray", progress=False, report=False, backend=ray_backend())
+    # two arms, one load of the model
+    assert [kind for kind, _ in remote.workers] == ["generation (shapes)", "embedding (efficientnet-lite0)",
+                                                    "judging (shapes)"]
+    # 2 arms x 4 prompts x 3 seeds images, all embedded; the 3 prompts with a question are judged
+    assert [sum(s.items for s in stats) for _, stats in remote.workers] == [24, 24, 18]
+    assert [a["measures"] for a in remote.summary["arms"]] == [a["measures"] for a in local.summary["arms"]]
+    assert remote.summary["comparisons"] == local.summary["comparisons"]
+    for arm in local.summary["arms"]:
+        assert images_by_job(tmp_path / "ray" / arm["run_dir"]) == images_by_job(tmp_path / "local" / arm["run_dir"])
+
+
+# --- reusing a started pool (no Ray needed) -----------------------------------------------------------------
+
+
+class Counted:
+    """A worker whose setups are counted per key; ``key=None``: it cannot be reused."""
+
+    def __init__(self, key: str | None, setups: list[str]):
+        self.key, self.setups = key, setups
+
+    def pool_key(self):
+        return self.key
+
+    def setup(self):
+        self.setups.append(self.key)
+        return len(self.setups)
+
+    def run(self, batch):
+        return [x + 1 for x in batch]
+
+
+class Recording(LocalBackend):
+    """The local backend, noting each pool it closes."""
+
+    def __init__(self):
+        self.closed = []
+
+    def start(self, worker):
+        pool = super().start(worker)
+        pool.close = lambda: self.closed.append(worker.key)
+        return pool
+
+
+def test_reuse_pools_keep_one_pool_per_key_and_stop_the_one_before():
+    setups: list[str] = []
+    inner = Recording()
+    pools = ReusePools(inner)
+    first = pools.start(Counted("a", setups))
+    assert [d.result for d in first.imap_unordered([[1], [2, 3]])] == [[2], [3, 4]]
+    first.close()  # handed back, not stopped
+    again = pools.start(Counted("a", setups))
+    assert again.info == 1 and setups == ["a"] and inner.closed == []
+    assert sum(s.items for s in again.stats) == 3  # the same workers, their counts go on
+    other = pools.start(Counted("b", setups))
+    assert setups == ["a", "b"] and inner.closed == ["a"] and other.info == 2
+    pools.close()
+    assert inner.closed == ["a", "b"]
+    assert [kind for kind, _ in pools.worker_stats()] == ["Counted", "Counted"]
+
+
+def test_reuse_pools_stop_a_pool_whose_stream_was_left_early():
+    setups: list[str] = []
+    inner = Recording()
+    pools = ReusePools(inner)
+    stream = pools.start(Counted("a", setups)).imap_unordered([[1], [2], [3]])
+    next(stream)
+    stream.close()  # as an error or an interrupt in the caller leaves it
+    assert inner.closed == ["a"]
+    pools.start(Counted("a", setups))
+    assert setups == ["a", "a"]
+    plain = [pools.start(Counted(None, setups)) for _ in range(2)]  # no key: a pool of its own each time
+    assert setups == ["a", "a", None, None] and inner.closed == ["a", "a"]
+    for pool in plain:
+        pool.close()
+
+
+@pytest.mark.parametrize("command", ["seeds mine", "audit", "score clip", "score fd", "score extractors",
+                                     "score composition"])
+def test_every_command_with_the_backend_flags_refuses_them_without_ray_backend(command, monkeypatch, tmp_path):
+    from report_helpers import write_config
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    config = write_config(tmp_path)
+    run, out = str(tmp_path / "run"), ["--out", str(tmp_path / "out.json")]  # the flags are checked before the run
+    args = {"seeds mine": ["seeds", "mine", "--prompts", "shapes-train-count", "--seeds", "0-1", "--out",
+                           str(tmp_path / "mine")],
+            "audit": ["audit", str(config), "--out", str(tmp_path / "audit")],
+            "score clip": ["score", "clip", run, *out],
+            "score fd": ["score", "fd", run, "--ref", run, *out],
+            "score extractors": ["score", "extractors", "--train", run, "--test", run, "--embedders", "pixels", *out],
+            "score composition": ["score", "composition", run, *out]}[command]
+    res = CliRunner().invoke(app, [*args, "--workers", "2"])
+    assert res.exit_code == 2 and "--workers only apply to --backend ray" in res.output, res.output
+    monkeypatch.setitem(sys.modules, "ray", None)
+    res = CliRunner().invoke(app, [*args, "--backend", "ray"])
+    assert res.exit_code == 2 and "pip install 'diffprobe[ray]'" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.yaml", "prompts.jsonl"]  # nothing made

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from .console import message
+from .distributed import Backend, WorkerStats
 from .errors import DiffprobeError, InputError
 from .prompts import Prompt
 from .spec import RunSpec, build_spec, canonical_json
@@ -332,6 +333,7 @@ class AuditResult:
     summary: dict[str, Any]
     index: Path | None = None
     notes: list[str] = field(default_factory=list)
+    workers: list[tuple[str, list[WorkerStats]]] = field(default_factory=list)  # (kind, per-worker stats) per pool
 
 
 class Models:
@@ -426,8 +428,13 @@ def _measure_names(config: AuditConfig) -> list[str]:
 
 
 def run_audit(config_path: str | Path, audit_dir: str | Path | None = None, *, console: Console | None = None,
-              progress: bool = True, report: bool = True) -> AuditResult:
-    """Run (or resume) the audit of ``config_path`` into ``audit_dir`` (default ``audits/<config name>``)."""
+              progress: bool = True, report: bool = True, backend: Backend | None = None) -> AuditResult:
+    """Run (or resume) the audit of ``config_path`` into ``audit_dir`` (default ``audits/<config name>``).
+
+    ``backend`` (``diffprobe.distributed``) decides where images are generated, embedded and judged (default: in
+    this process); this process writes every run. Consecutive arms of one model share one started pool (one load
+    of the model), and each measure's pool serves every arm."""
+    from .distributed import LocalBackend, ReusePools
     from .generate import generate
     from .metrics.provenance import provenance, write_json
 
@@ -437,19 +444,19 @@ def run_audit(config_path: str | Path, audit_dir: str | Path | None = None, *, c
     audit_dir = Path(audit_dir) if audit_dir is not None else default_dir(config, config_path)
     arms, prompts, baseline = plan_arms(config, config_path, audit_dir)
     notes: list[str] = []
-    models = Models(console)
-    for i, arm in enumerate(arms, 1):
-        count_made(arm)
-        console.print(message(f"[{i}/{len(arms)}] {arm.label}: generate ({arm.to_make} to make, {arm.made} made)"))
-        adapter = models.get(arm) if arm.to_make else None
-        generate(arm.spec, arm.run_dir, prompts=prompts, batch_size=config.batch_size, extend=True, adapter=adapter,
-                 console=console, progress=progress)
-    models.loaded.clear()  # free the diffusion models before the measures load theirs
-    measure_all(config, config_path, arms, notes, console, progress)
+    with ReusePools(backend or LocalBackend()) as pools:
+        for i, arm in enumerate(arms, 1):
+            count_made(arm)
+            console.print(message(f"[{i}/{len(arms)}] {arm.label}: generate ({arm.to_make} to make, "
+                                  f"{arm.made} made)"))
+            generate(arm.spec, arm.run_dir, prompts=prompts, batch_size=config.batch_size, extend=True,
+                     console=console, progress=progress, backend=pools)
+        pools.release()  # free the diffusion model before the measures load theirs
+        measure_all(config, config_path, arms, notes, console, progress, backend=pools)
     summary = summarize(config, raw, arms, baseline, audit_dir, notes)
     summary["provenance"] = provenance()
     write_json(summary, audit_dir / SUMMARY_FILE)
-    result = AuditResult(audit_dir, summary, notes=notes)
+    result = AuditResult(audit_dir, summary, notes=notes, workers=pools.worker_stats())
     if report:
         from .report import build_report
 
@@ -467,8 +474,9 @@ def _skip(notes: list[str], console: Console, text: str) -> None:
 
 
 def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], notes: list[str], console: Console,
-                progress: bool) -> None:
-    """Score and judge every arm; each measure's model loads once for all arms."""
+                progress: bool, backend: Backend | None = None) -> None:
+    """Score and judge every arm; each measure's model loads once for all arms: in this process, and on each worker
+    of a distributed ``backend`` that keeps its pool across arms (:class:`~diffprobe.distributed.ReusePools`)."""
     from .commands.judge import judge_run
     from .metrics.provenance import write_json
 
@@ -476,7 +484,7 @@ def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], not
     scores = lambda arm, name: arm.run_dir / "scores" / f"{name}.json"  # noqa: E731
     if m.scs is not None:
         _each(arms, "scs", notes, console, lambda: _embedder(m.scs.embedder, m.scs.weights),
-              lambda emb, arm: write_json(_scs(arm, emb), scores(arm, "scs")))
+              lambda emb, arm: write_json(_scs(arm, emb, backend), scores(arm, "scs")))
     judge = m.composition
     if judge == "auto":
         judge = CompositionMeasure() if all(a.model.name == "shapes" for a in arms) else None
@@ -485,7 +493,7 @@ def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], not
                          "model); set measures.composition.judge")
     if judge is not None:
         def run_judge(j, arm):
-            result = judge_run(arm.run_dir, j, console=console, progress=progress)
+            result = judge_run(arm.run_dir, j, console=console, progress=progress, backend=backend)
             if result.summary["categories"]["all"]["n"] == 0:
                 raise InputError(f"no image of {arm.label} has a question to judge "
                                  f"({'; '.join(result.summary['skipped_reasons']) or 'no prompts'})")
@@ -494,7 +502,7 @@ def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], not
         from .metrics.clipscore import score_clip
 
         _each(arms, "clip", notes, console, lambda: _embedder(m.clip.model, None),
-              lambda emb, arm: write_json(score_clip(arm.run_dir, emb), scores(arm, "clip")))
+              lambda emb, arm: write_json(score_clip(arm.run_dir, emb, backend=backend), scores(arm, "clip")))
     if m.irs is not None:
         from .metrics.irs import score_irs
 
@@ -506,7 +514,8 @@ def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], not
             _skip(notes, console, f"irs: reference folder {', '.join(missing)} is missing or not a folder")
         else:
             _each(arms, "irs", notes, console, lambda: _embedder(m.irs.embedder, m.irs.weights),
-                  lambda emb, arm: write_json(score_irs(arm.run_dir, train, test, embedder=emb), scores(arm, "irs")))
+                  lambda emb, arm: write_json(score_irs(arm.run_dir, train, test, embedder=emb, embed_backend=backend),
+                                              scores(arm, "irs")))
     if m.fd is not None:
         from .metrics.fd import score_fd
 
@@ -525,7 +534,8 @@ def measure_all(config: AuditConfig, config_path: Path, arms: list[ArmPlan], not
                 return _embedder("inception-torchscript", inception)
 
             _each(arms, "fd", notes, console, fd_embedder,
-                  lambda emb, arm: write_json(score_fd(arm.run_dir, ref, embedder=emb), scores(arm, "fd")))
+                  lambda emb, arm: write_json(score_fd(arm.run_dir, ref, embedder=emb, backend=backend),
+                                              scores(arm, "fd")))
 
 
 def _embedder(name: str, weights: Path | None):
@@ -540,10 +550,10 @@ def _judge(name: str):
     return make_judge(name)
 
 
-def _scs(arm: ArmPlan, embedder) -> dict[str, Any]:
+def _scs(arm: ArmPlan, embedder, backend: Backend | None = None) -> dict[str, Any]:
     from .metrics.scs import score_scs
 
-    return score_scs(arm.run_dir, embedder, sensitivity=False)
+    return score_scs(arm.run_dir, embedder, sensitivity=False, backend=backend)
 
 
 def _each(arms: list[ArmPlan], name: str, notes: list[str], console: Console, load: Callable[[], Any],

@@ -34,7 +34,7 @@ from .guidance import Guider, make_guider
 from .models.base import ModelAdapter
 from .prompts import Prompt
 from .sampling.latents import InitialLatents, read_initial_latents
-from .spec import RunSpec, job_key
+from .spec import RunSpec, canonical_json, job_key
 from .store import NewSample, RepairReport, RunStore, check_new_run_dir, create_run, is_run_dir, open_run
 from .versions import library_versions
 
@@ -98,6 +98,7 @@ class GenerateResult:
     truncated_prompts: list[str] = field(default_factory=list)
     repair: RepairReport = field(default_factory=RepairReport)
     workers: list[WorkerStats] = field(default_factory=list)  # per worker of the backend: batches, images, time
+    model: ModelFacts | None = None  # what the workers reported of the model (None: the run was complete already)
 
     @property
     def images_per_second(self) -> float:
@@ -188,8 +189,18 @@ class GenerationWorker:
         self.spec = spec
         self.adapter = adapter
 
+    @property
+    def kind(self) -> str:
+        return f"generation ({self.spec.model.name})"
+
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "adapter": None}  # a worker loads its own model; a loaded one never travels
+
+    def pool_key(self) -> str:
+        """What ``setup`` loads and checks: runs that agree on it (an audit's arms of one model) share a pool."""
+        s = self.spec
+        return canonical_json({"model": s.model.model_dump(mode="json"), "scheduler": s.sampler.scheduler,
+                               "size": [s.sampler.height, s.sampler.width]})
 
     def setup(self) -> ModelFacts:
         if self.adapter is None:
@@ -355,7 +366,7 @@ def generate(
         guider = make_run_guider(spec, metas)
         if store is not None and (done := _complete(store, spec, guider, report)) is not None:
             return done  # a complete run needs no model at all
-        if adapter is not None and backend is not None and not isinstance(backend, LocalBackend):
+        if adapter is not None and backend is not None and backend.name != "local":
             raise ValueError("adapter= is a model loaded in this process; it cannot run on another backend")
         # The worker checks the image size, so a size the model cannot make fails before any work.
         pool = (backend or LocalBackend()).start(GenerationWorker(spec, adapter))
@@ -386,6 +397,7 @@ def generate(
             _run_jobs(store, pool, facts, guider, spec, config, todo, batch_size, max_model_batch, result, console,
                       progress, latents)
         result.workers = list(pool.stats)
+        result.model = facts
         return result
     finally:
         if pool is not None:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from ..console import message
+from . import backend_options as bo
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +23,10 @@ def register(app: typer.Typer) -> None:
         no_timing: bool = typer.Option(False, "--no-timing", help="With --dry-run: skip the timed batch (no model "
                                        "is loaded)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        backend: str = bo.BACKEND,
+        address: str | None = bo.ADDRESS,
+        workers: int | None = bo.WORKERS,
+        gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
     ) -> None:
         """Run an audit (resumable: a re-run makes only what is missing) and write summary.json and the report."""
         from ..audit import default_dir, load_config, run_audit
@@ -30,18 +35,20 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=True)
         audit_dir = out if out is not None else default_dir(load_config(config)[0], config)
+        runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
         if dry_run:
             for line in plan(config, audit_dir, console=console, timing=not no_timing):
                 typer.echo(line)
             return
         check_writable(audit_dir, directory=True)
         try:
-            result = run_audit(config, audit_dir, console=console, progress=not quiet)
+            result = run_audit(config, audit_dir, console=console, progress=not quiet, backend=runner)
         except KeyboardInterrupt:
             console.print(message(f"interrupted: finished images and verdicts are kept in {audit_dir}; run the same "
                                   "command to resume"))
             sys.exit(130)
         for note in result.notes:
             console.print(message(note, "note:"))
+        bo.print_pool_summaries(console, result.workers)
         console.print(message(f"summary: {audit_dir / 'summary.json'}"))
         typer.echo(str(result.index))

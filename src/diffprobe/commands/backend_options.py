@@ -25,11 +25,23 @@ def backend_from_flags(backend: str, address: str | None, workers: int | None,
     return make_backend(backend, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
+def is_distributed(stats: Sequence[WorkerStats]) -> bool:
+    return len(stats) > 1 or any(s.name != "local" for s in stats)
+
+
 def print_worker_summary(console: Console, stats: Sequence[WorkerStats], unit: str = "images") -> None:
     """One line per worker of a distributed run: its share of the work and its own throughput."""
-    if len(stats) < 2 and not any(s.name != "local" for s in stats):
+    if not is_distributed(stats):
         return
     for s in stats:
         died = " (died; its unfinished batches went to the others)" if s.died else ""
         console.print(message(f"{s.name}: {s.items} {unit} in {s.batches} batch(es), "
                               f"{s.items_per_second:.2f} {unit}/s{died}"), highlight=False)
+
+
+def print_pool_summaries(console: Console, pools: Sequence[tuple[str, Sequence[WorkerStats]]]) -> None:
+    """The per-worker lines of every pool a command started (generation, embedding, judging), under its kind."""
+    for kind, stats in pools:
+        if is_distributed(stats) and any(s.items for s in stats):
+            console.print(message(f"{kind}, per worker:"))
+            print_worker_summary(console, stats)

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..console import message
+from ..distributed import ReusePools
 from ..errors import InputError, check_writable, writing
 from ..judges.base import Judge
 from ..metrics.provenance import write_json
@@ -420,7 +421,7 @@ def register(app: typer.Typer) -> None:
             raise InputError("--against is for --agreement: add --agreement to compare the two judges")
         if agreement and against is None:
             raise InputError("--agreement needs --against NAME, the judge to compare --judge with")
-        runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
+        runner = ReusePools(bo.backend_from_flags(backend, address, workers, gpus_per_worker))
         if agreement and runner.name != "local":
             raise InputError("--agreement runs in this process; leave out --backend ray (judge each judge on Ray "
                              "first, then compare: the agreement reads their stored verdicts)")
@@ -446,8 +447,10 @@ def register(app: typer.Typer) -> None:
             console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
             sys.exit(130)
         finally:
+            runner.close()
             for each in made:
                 each.close()
+        bo.print_pool_summaries(console, runner.worker_stats())
         console.print(message(f"{result.judged} judged, {result.already} already judged, "
                               f"{sum(result.skipped.values())} skipped; per-image verdicts in {result.jsonl}, "
                               f"summary in {result.summary_path}"))

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..console import message
+from ..distributed import ReusePools
 from ..embed import FeatureCache
 from ..errors import check_writable
 from ..metrics.provenance import write_json
@@ -76,6 +77,11 @@ def _shared(device: str | None, batch_size: int, strict: bool, guidance: str | N
             "guidance": guidance}
 
 
+def _pools(backend: str, address: str | None, workers: int | None, gpus_per_worker: float | None) -> ReusePools:
+    """The backend the flags name, keeping its pool across the command's embedding passes (closed on exit)."""
+    return ReusePools(bo.backend_from_flags(backend, address, workers, gpus_per_worker))
+
+
 class _Bar:
     """A rich progress bar fed by the embedding loop (images embedded, cache hits are not counted)."""
 
@@ -137,11 +143,11 @@ def scs_cmd(
     from ..metrics.scs import score_scs
 
     target = _target(out, _default_out(path, "scs"))
-    runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
-    with _Bar() as progress:
+    with _pools(backend, address, workers, gpus_per_worker) as runner, _Bar() as progress:
         result = score_scs(path, embedder, weights=weights, sensitivity=sensitivity, n_boot=n_boot, seed=seed,
                            clamp=not no_clamp, progress=progress, backend=runner,
                            **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
+    bo.print_pool_summaries(console, runner.worker_stats())
     s = result["summary"]
     console.print(
         f"SCS over {s['n_prompts']} prompts: mean {s['mean']:.2f} +- {s['sd']:.2f} (population SD), "
@@ -189,11 +195,12 @@ def irs_cmd(
     from ..metrics.irs import score_irs
 
     target = _target(out, Path("irs.json") if path.suffix == ".npy" else _default_out(path, "irs"))
-    runner = bo.backend_from_flags(embed_backend, address, workers, gpus_per_worker)
-    with _Bar() as progress:
+    # one pool embeds the synthetic, training and test images
+    with _pools(embed_backend, address, workers, gpus_per_worker) as runner, _Bar() as progress:
         result = score_irs(path, train, test, embedder=embedder, weights=weights, metric=metric, alpha_e=alpha_e,
                            seed=seed, backend=backend, progress=progress, embed_backend=runner,
                            **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
+    bo.print_pool_summaries(console, runner.worker_stats())
     r = result["synthetic"]
     console.print(
         f"synthetic: n={r['n_sampled']} N={r['n_train']} k={r['k_measured']} IRS_alpha={r['irs_alpha']:.4f} "
@@ -222,14 +229,19 @@ def clip_cmd(
     guidance: Guidance = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """CLIP score (100 * max(cos, 0), text vs image) per prompt, and CLIP R-precision."""
     from ..metrics.clipscore import score_clip
 
     target = _target(out, _default_out(path, "clip"))
-    with _Bar() as progress:
-        result = score_clip(path, model, progress=progress,
+    with _pools(backend, address, workers, gpus_per_worker) as runner, _Bar() as progress:
+        result = score_clip(path, model, progress=progress, backend=runner,
                             **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
+    bo.print_pool_summaries(console, runner.worker_stats())
     s = result["summary"]
     rp = result["r_precision"]
     console.print(
@@ -254,15 +266,22 @@ def composition_cmd(
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help=jf.BATCH_HELP)] = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     judge_flags: dict = None,  # type: ignore[assignment]  # filled by with_judge_flags
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """Compositional accuracy per category (count N, attribute, each relation) with Wilson 95 % intervals: the
     summary 'diffprobe judge' writes. Images not judged yet are judged first (stored in the run, resumable)."""
+    runner = _pools(backend, address, workers, gpus_per_worker)
     [made] = jf.make_judges([judge], judge_flags)
     try:
         result = jf.judge_run(run, made, console=console, progress=not quiet, batch_size=batch_size,
-                              summary_out=out)
+                              summary_out=out, backend=runner)
     finally:
+        runner.close()
         made.close()
+    bo.print_pool_summaries(console, runner.worker_stats())
     for line in jf.summary_lines(result.summary):
         typer.echo(line)
     console.print(message(f"{result.judged} judged, {result.already} already judged; per-image verdicts in "
@@ -293,6 +312,10 @@ def fd_cmd(
     guidance: Guidance = None,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """Fréchet distance between Gaussian fits of the features (FID with --inception), and KID."""
     from ..metrics.fd import score_fd
@@ -300,11 +323,13 @@ def fd_cmd(
     target = _target(out, Path("fd.json") if path.suffix == ".npy" else _default_out(path, "fd"))
     if save_stats is not None:
         check_writable(save_stats)
-    with _Bar() as progress:
+    # one pool embeds both the images and the reference
+    with _pools(backend, address, workers, gpus_per_worker) as runner, _Bar() as progress:
         result = score_fd(path, ref, embedder=embedder, weights=weights, inception=inception, resize=resize,
                           save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                          seed=seed, method=sqrt, progress=progress,
+                          seed=seed, method=sqrt, progress=progress, backend=runner,
                           **_shared(device, batch_size, strict, guidance, no_cache, cache_dir))
+    bo.print_pool_summaries(console, runner.worker_stats())
     label = f"FID ({result['resize']} resize)" if result["is_fid"] else f"FD ({result['embedder']['name']})"
     line = f"{label} = {result['fd']:.4f} over {result['n_images']} vs {result['n_reference']} images"
     if result["kid"] is not None:
@@ -334,16 +359,22 @@ def extractors_cmd(
     strict: Strict = False,
     no_cache: NoCache = False,
     cache_dir: CacheDir = None,
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """The IRS paper's extractor study: agreement with a consensus pseudo ground truth, real-data IRS-inf, and
     pairwise agreement."""
     from ..metrics.extractors import score_extractors
 
     target = _target(out, Path.cwd() / f"{test.resolve().name}_extractors.json")
-    with _Bar() as progress:
+    # one pool per extractor embeds both folders
+    with _pools(backend, address, workers, gpus_per_worker) as runner, _Bar() as progress:
         result = score_extractors(train, test, embedders, min_agree=consensus, metric=metric, device=device,
                                   batch_size=batch_size, cache=_cache(no_cache, cache_dir), strict=strict,
-                                  progress=progress)
+                                  progress=progress, backend=runner)
+    bo.print_pool_summaries(console, runner.worker_stats())
     console.print(
         f"N = {result['n_train']} train, n = {result['n_test']} test images; pseudo ground truth where >= "
         f"{result['min_agree']} of {len(result['extractors'])} extractors agree: {result['n_consensus']} "

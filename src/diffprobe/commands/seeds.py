@@ -12,6 +12,7 @@ from rich.console import Console
 from ..console import message
 from ..errors import InputError
 from ..prompts import Prompt
+from . import backend_options as bo
 from . import finetune
 from .judge import JUDGE_HELP, make_judges, with_judge_flags
 
@@ -61,6 +62,10 @@ def mine_cmd(
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Images per model call."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     judge_flags: dict = None,  # type: ignore[assignment]  # filled by with_judge_flags
+    backend: str = bo.BACKEND,
+    address: str | None = bo.ADDRESS,
+    workers: int | None = bo.WORKERS,
+    gpus_per_worker: float | None = bo.GPUS_PER_WORKER,
 ) -> None:
     """Generate the prompt x seed grid, judge it, and rank seeds per category (count N, relation R)."""
     from ..seeds.mine import mine_seeds
@@ -76,10 +81,11 @@ def mine_cmd(
         seeds=seeds, steps=steps, scheduler=scheduler, height=height, width=width,
         generator_device=generator_device, guidance="cfg", scale=scale, guidance_param=[], concepts=None)
     spec = spec.model_copy(update={"prompt_source": "; ".join(prompts)})
+    runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
     [the_judge] = make_judges([judge], judge_flags)
     try:
         result = mine_seeds(spec, items, out, the_judge, top_n=top, file=file, batch_size=batch_size,
-                            console=console, progress=not quiet)
+                            console=console, progress=not quiet, backend=runner)
     except KeyboardInterrupt:
         _interrupted(console, out)
     from ..seeds.file import read_reliable
@@ -92,6 +98,7 @@ def mine_cmd(
     console.print(message(f"generation {t['generate_seconds']:.1f} s for {t['images_generated']} image(s), judging "
                           f"{t['judge_seconds']:.1f} s for {t['images_judged']} image(s); reliable seeds in "
                           f"{result.path}"))
+    bo.print_pool_summaries(console, result.workers)
     typer.echo(str(result.path))
 
 

@@ -16,12 +16,13 @@ batch) and the list of batches; it iterates the results as they finish::
 from __future__ import annotations
 
 from ..errors import InputError
-from .pool import Backend, Finished, LocalBackend, Pool, Worker, WorkerStats
+from .pool import Backend, Finished, LocalBackend, Pool, ReusePools, Worker, WorkerStats, worker_kind
 
 BACKENDS = ("local", "ray")
 RAY_INSTALL = "pip install 'diffprobe[ray]'"
 
-__all__ = ["BACKENDS", "Backend", "Finished", "LocalBackend", "Pool", "Worker", "WorkerStats", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "Finished", "LocalBackend", "Pool", "ReusePools", "Worker", "WorkerStats",
+           "make_backend", "worker_kind"]
 
 
 def make_backend(name: str = "local", *, address: str | None = None, workers: int | None = None,

@@ -104,6 +104,9 @@ class RayPool:
                     running[self.actors[a].run.remote(batches[index])] = (a, index, attempt)
                     load[a] += 1
 
+        if queue and not self.alive:  # a pool used again after losing every actor
+            raise WorkerError(f"every Ray worker of this pool has died; {len(queue)} batch(es) are left, starting "
+                              f"with {describe(batches[0])}; run the same command to resume")
         fill()
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)

@@ -148,8 +148,15 @@ class EmbeddingWorker:
         self.recipe = recipe
         self.embedder: Embedder | None = None
 
+    @property
+    def kind(self) -> str:
+        return f"embedding ({self.recipe.name})"
+
     def __getstate__(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "embedder": None}
+
+    def pool_key(self) -> str:
+        return repr(self.recipe)
 
     def setup(self) -> tuple[str, int]:
         self.embedder = self.recipe.build()

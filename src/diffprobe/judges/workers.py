@@ -31,8 +31,15 @@ class JudgingWorker:
         self.recipe = recipe
         self.judge: Judge | None = None
 
+    @property
+    def kind(self) -> str:
+        return f"judging ({self.recipe.name})"
+
     def __getstate__(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "judge": None}
+
+    def pool_key(self) -> str:
+        return repr(self.recipe)
 
     def setup(self) -> dict[str, Any]:
         self.judge = self.recipe.build()

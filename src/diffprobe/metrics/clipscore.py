@@ -43,8 +43,11 @@ def score_clip(
     strict: bool = False,
     guidance: str | None = None,
     progress=None,
+    backend=None,
 ) -> dict:
-    """CLIP score per image and prompt, and R-precision over the set's prompts."""
+    """CLIP score per image and prompt, and R-precision over the set's prompts. ``backend``
+    (``diffprobe.distributed``) decides where image features missing from the cache are computed; the prompts'
+    text features are computed here."""
     from ..embed import get_embedder
     from ..embed.clip import CLIPEmbedder
     from .images import load_image_set
@@ -72,7 +75,7 @@ def score_clip(
         if c > embedder.max_tokens
     ]
     text_feats = embedder.embed_text(prompt_list)
-    image_feats = images.features(embedder, cache=cache, progress=progress)
+    image_feats = images.features(embedder, cache=cache, progress=progress, backend=backend)
     owner = np.empty(len(images.items), dtype=np.int64)
     for p, g in enumerate(names):
         owner[groups[g]] = p

@@ -158,9 +158,11 @@ def score_extractors(
     cache=True,
     strict: bool = False,
     progress=None,
+    backend=None,
 ) -> dict:
     """The study on image folders: every embedder (``name`` or ``name=WEIGHTS_FILE``) embeds ``train`` and ``test``
-    (through the feature cache); returns the JSON-ready result."""
+    (through the feature cache); returns the JSON-ready result. ``backend`` (``diffprobe.distributed``) decides where
+    features missing from the cache are computed."""
     from ..embed import get_embedder
     from .images import load_image_set
     from .provenance import provenance
@@ -176,8 +178,8 @@ def score_extractors(
     train_f, test_f, described = {}, {}, {}
     for name, weights in items:
         model = get_embedder(name, weights=weights, device=device, batch_size=batch_size)
-        train_f[name] = sets["train"].features(model, cache=cache, progress=progress)
-        test_f[name] = sets["test"].features(model, cache=cache, progress=progress)
+        train_f[name] = sets["train"].features(model, cache=cache, progress=progress, backend=backend)
+        test_f[name] = sets["test"].features(model, cache=cache, progress=progress, backend=backend)
         described[name] = model.describe()
     result = {"metric": "extractors"}
     result.update(evaluate_extractors(train_f, test_f, min_agree, metric=metric, alpha_e=alpha_e, device=device))

@@ -315,6 +315,7 @@ def score_fd(
     strict: bool = False,
     guidance: str | None = None,
     progress=None,
+    backend=None,
 ) -> dict:
     """Fréchet distance (and KID) of the images under ``path`` (run directory, folder, or .npy features) against
     ``ref`` (the same kinds, or a statistics .npz from ``save_stats``). Returns the JSON-ready result.
@@ -322,7 +323,8 @@ def score_fd(
     ``inception`` (a path to ``inception-2015-12-05.pt``) makes it FID proper, with the clean-fid ``resize`` mode
     (clean, legacy-tensorflow, legacy-pytorch); otherwise features come from ``embedder`` and the result says it
     is not comparable with published FID. ``save_stats`` writes the reference's statistics, with its features so
-    that KID can be computed from the file later. ``kid_subsets=0`` skips KID.
+    that KID can be computed from the file later. ``kid_subsets=0`` skips KID. ``backend``
+    (``diffprobe.distributed``) decides where features missing from the cache are computed.
     """
     from .images import load_features
     from .provenance import provenance
@@ -343,9 +345,11 @@ def score_fd(
         check_identity(saved, identity, ref)
         ref_info = {"path": str(ref), "source": "statistics", "n_images": ref_stats.count,
                     "has_features": ref_stats.features is not None}
-    feats, info = load_features(path, model, strict=strict, cache=cache, progress=progress, guidance=guidance)
+    feats, info = load_features(path, model, strict=strict, cache=cache, progress=progress, guidance=guidance,
+                                backend=backend)
     if not ref_is_stats:
-        ref_feats, ref_info = load_features(ref, model, strict=strict, cache=cache, progress=progress)
+        ref_feats, ref_info = load_features(ref, model, strict=strict, cache=cache, progress=progress,
+                                            backend=backend)
         ref_stats = gaussian_stats(ref_feats, keep_features=True)
     stats = gaussian_stats(feats)
     if stats.dim != ref_stats.dim:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -47,8 +47,17 @@ def _predict(
                 torch.cuda.empty_cache()
 
 
+class LatentSpace(Protocol):
+    """What the starting noise depends on: a model adapter, or the facts a worker reported of one."""
+
+    vae_scale_factor: int
+    latent_channels: int
+    dtype: Any
+    device: Any
+
+
 def initial_latents(
-    adapter: ModelAdapter, seeds: Sequence[int], height: int, width: int, generator_device: str = "cpu"
+    adapter: LatentSpace, seeds: Sequence[int], height: int, width: int, generator_device: str = "cpu"
 ) -> torch.Tensor:
     """One generator per image, so an image depends only on its own seed (as diffusers does for a generator list)."""
     f = adapter.vae_scale_factor

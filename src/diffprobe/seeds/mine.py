@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from .file import FILE_NAME, FORMAT, LATENTS_NAME, VERSION, write_json_atomic
 from .mining import ALPHA, TOP_N, is_mined, mine
 
 if TYPE_CHECKING:
+    from ..distributed import Backend, WorkerStats
     from ..judges.base import Judge
     from ..models.base import ModelAdapter
     from ..prompts import Prompt
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 class MineResult:
     path: Path  # reliable_seeds.json
     data: dict[str, Any]
+    workers: list[tuple[str, list[WorkerStats]]] = field(default_factory=list)  # (kind, per-worker stats) per pool
 
 
 def check_minable(prompts: Sequence[Prompt]) -> None:
@@ -49,13 +51,16 @@ def check_minable(prompts: Sequence[Prompt]) -> None:
 def mine_seeds(spec: RunSpec, prompts: Sequence[Prompt], out: Path, judge: Judge, *, top_n: int = TOP_N,
                alpha: float = ALPHA, file: Path | None = None, batch_size: int = 4,
                adapter: ModelAdapter | None = None, console: Console | None = None,
-               progress: bool = True) -> MineResult:
+               progress: bool = True, backend: Backend | None = None) -> MineResult:
     """Mine ``spec`` (a grid of prompts x seeds) into the run ``out``; writes ``file`` (default
-    ``out/reliable_seeds.json``) and the latents file next to it, only once everything else has succeeded."""
+    ``out/reliable_seeds.json``) and the latents file next to it, only once everything else has succeeded.
+
+    ``backend`` (``diffprobe.distributed``) decides where images are generated and judged, as for ``generate`` and
+    ``judge``; this process writes the run either way. ``adapter`` is a model loaded in this process (local only)."""
     from ..commands.judge import judge_run
-    from ..generate import generate
+    from ..distributed import LocalBackend, ReusePools
+    from ..generate import GenerationWorker, generate
     from ..metrics.provenance import provenance
-    from ..sampling import initial_latents
     from ..sampling.latents import file_sha256, write_initial_latents
 
     console = console or Console(stderr=True)
@@ -67,16 +72,18 @@ def mine_seeds(spec: RunSpec, prompts: Sequence[Prompt], out: Path, judge: Judge
     file = check_writable(file or out / FILE_NAME)
     latents_file = file.with_name(LATENTS_NAME if file.name == FILE_NAME else f"{file.stem}.safetensors")
     check_writable(latents_file)
-    if adapter is None:
-        from ..models import load_model
-
-        adapter = load_model(spec.model.name, family=spec.model.family, device=spec.model.device,
-                             dtype=spec.model.dtype, scheduler=spec.sampler.scheduler)
-    gen = generate(spec, out, prompts=prompts, batch_size=batch_size, adapter=adapter, console=console,
-                   progress=progress, extend=True)
-    start = time.perf_counter()
-    judged = judge_run(out, judge, console=console, progress=progress)
-    judge_seconds = time.perf_counter() - start
+    base = backend or LocalBackend()
+    if adapter is not None and base.name != "local":
+        raise ValueError("adapter= is a model loaded in this process; it cannot run on another backend")
+    with ReusePools(base) as pools:
+        gen = generate(spec, out, prompts=prompts, batch_size=batch_size, adapter=adapter, console=console,
+                       progress=progress, extend=True, backend=pools)
+        # The facts of the model (for the latents file) come from the pool generate used, or, when the run was
+        # complete and generate started none, from one started for them.
+        model = gen.model or pools.start(GenerationWorker(spec, adapter)).info
+        start = time.perf_counter()
+        judged = judge_run(out, judge, console=console, progress=progress, backend=pools)
+        judge_seconds = time.perf_counter() - start
     wanted = set(spec.pairs())
     rows = [r for r in judged.rows if (r["prompt"], r["seed"]) in wanted]
     if not rows:
@@ -85,6 +92,7 @@ def mine_seeds(spec: RunSpec, prompts: Sequence[Prompt], out: Path, judge: Judge
                          f"({reasons}); nothing to rank, no seeds file written")
     results, not_mined = mine(rows, spec.seeds, top_n=top_n, alpha=alpha)
 
+    from ..sampling import initial_latents
     from ..store import open_run
 
     with open_run(out) as store:
@@ -92,7 +100,9 @@ def mine_seeds(spec: RunSpec, prompts: Sequence[Prompt], out: Path, judge: Judge
         first = store.samples()[0].provenance
     sampler = config["sampler"]
     top = sorted({s for r in results.values() for s in r.top})
-    noise = initial_latents(adapter, top, sampler["height"], sampler["width"], sampler["generator_device"])
+    # drawn here, on the CPU (the workers' device may be a GPU this machine lacks); the noise is the same
+    noise = initial_latents(replace(model, device="cpu"), top, sampler["height"], sampler["width"],
+                            sampler["generator_device"])
     # one metadata entry: safetensors writes its metadata map in no fixed order, and the file's hash keys jobs
     write_initial_latents(latents_file, {s: noise[i] for i, s in enumerate(top)}, {"format": FORMAT})
     data = {
@@ -109,4 +119,4 @@ def mine_seeds(spec: RunSpec, prompts: Sequence[Prompt], out: Path, judge: Judge
         **provenance(),
     }
     write_json_atomic(data, file)
-    return MineResult(file, data)
+    return MineResult(file, data, pools.worker_stats())
