@@ -26,7 +26,7 @@ from ...models.loading import choose_device
 from ...training import LossLog, StepContext, Trainer, TrainSettings
 from . import grammar, model
 from .card import model_card
-from .record import chain, examples_seen, same_settings
+from .record import chain, examples_seen, same_settings, setting
 from .render import pack, render_packed
 
 MAX_SHAPES = 6
@@ -36,23 +36,23 @@ CAPTION_DROPOUT = 0.1  # captions replaced by "" so that classifier-free guidanc
 class _Batches(torch.utils.data.Dataset):
     """Item ``i`` is the i-th training batch: packed scenes and captions of a contiguous index range."""
 
-    def __init__(self, batch: int, offset: int = 0):
-        self.batch, self.offset = batch, offset
+    def __init__(self, batch: int, offset: int = 0, partial_captions: float = 0.0):
+        self.batch, self.offset, self.partial_captions = batch, offset, partial_captions
 
     def __len__(self) -> int:
         return 10**9
 
     def __getitem__(self, i: int):
         start = self.offset + i * self.batch
-        examples = [grammar.training_example(j) for j in range(start, start + self.batch)]
+        examples = [grammar.training_example(j, self.partial_captions) for j in range(start, start + self.batch)]
         params, colors = pack([s for s, _ in examples], MAX_SHAPES)
         return params, colors, [c for _, c in examples]
 
 
-def _loader(batch: int, workers: int, offset: int = 0):
+def _loader(batch: int, workers: int, offset: int = 0, partial_captions: float = 0.0):
     return iter(
         torch.utils.data.DataLoader(
-            _Batches(batch, offset),
+            _Batches(batch, offset, partial_captions),
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -109,7 +109,7 @@ def replay(record: dict, out: Path, device: str | None = None, workers: int = 8,
         print(f"run {k}: {run['unet_steps']} steps, batch {run['batch']}, into {folder}")
         info = train(folder, run["seed"], run["vae_steps"], run["unet_steps"], run["batch"], run["lr"],
                      device=device, workers=workers, log_every=log_every, init=init, warmup=run["warmup"],
-                     ema_decay=run["ema_decay"])
+                     ema_decay=run["ema_decay"], partial_captions=setting(run, "partial_captions"))
         init = folder / "weights"
     return info
 
@@ -166,7 +166,7 @@ def _calibrate_latents(vae, batch: int, on: _Device) -> float:
 
 def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, lr: float, warmup: int,
                     ema_decay: float, parent: dict | None, deadline: float, workers: int, on: _Device,
-                    log: LossLog) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+                    log: LossLog, partial_captions: float = 0.0) -> tuple[torch.nn.Module, torch.nn.Module, int]:
     """Phase 2 on the training core: UNet + text encoder, epsilon loss, 10% caption dropout, EMA. Returns both
     models holding their EMA weights and the steps done (fewer than ``steps`` when the deadline passes)."""
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
@@ -198,7 +198,7 @@ def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, 
     offset = examples_seen(parent)
 
     def batches(position: int, rank: int, world: int):
-        return _loader(batch, workers, offset=offset + position * batch)
+        return _loader(batch, workers, offset=offset + position * batch, partial_captions=partial_captions)
 
     settings = TrainSettings(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema_decay,
                              ema_warmup=parent is None, mixed_precision="auto" if on.dev.type == "cuda" else "no",
@@ -222,11 +222,17 @@ def train(
     init: Path | None = None,
     warmup: int = 300,
     ema_decay: float = 0.999,
+    partial_captions: float = 0.0,
 ) -> dict:
     """Train from scratch, or with ``init`` (a weights folder) continue phase 2 from it on fresh examples.
 
+    ``partial_captions``: the fraction of two-shape scenes whose phase-2 caption names one of the shapes
+    (:func:`grammar.training_prompt`); 0 trains on exhaustive captions, the stream every earlier run used.
+
     Writes ``out/weights``, ``out/loss.csv``, ``out/training.json`` and ``out/MODEL_CARD.md``; returns the record.
     """
+    if not 0.0 <= partial_captions <= 1.0:
+        raise InputError(f"--partial-captions {partial_captions}: give a fraction of scenes between 0 and 1")
     on = _Device.make(device, seed)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +251,7 @@ def train(
         recon_mse = _calibrate_latents(vae, batch, on) if parent is None else parent["vae_recon_mse"]
         vae_seconds = time.time() - log.t0
         ema_unet, ema_text, done = _train_denoiser(models, steps, batch, lr, warmup, ema_decay, parent, deadline,
-                                                   workers, on, log)
+                                                   workers, on, log, partial_captions)
     finally:
         log.close()
     total = time.time() - log.t0
@@ -260,6 +266,7 @@ def train(
         "warmup": warmup,
         "ema_decay": ema_decay,
         "caption_dropout": CAPTION_DROPOUT,
+        "partial_captions": partial_captions,
         "max_minutes": max_minutes,
         "vae_scaling_factor": vae.config.scaling_factor,
         "vae_recon_mse": recon_mse,
@@ -275,7 +282,9 @@ def train(
             "text_encoder": model.TEXT_CONFIG,
             "scheduler": model.SCHEDULER_CONFIG,
         },
-        "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
+        "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling"
+                + (f"; {partial_captions:g} of binding and relation scenes captioned partially (one of their two"
+                   " shapes named)" if partial_captions else ""),
         "data_offset": examples_seen(parent),
         "init": parent,
     }
@@ -297,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers that lay out scenes")
     p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
+    p.add_argument("--partial-captions", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of two-shape scenes (binding, relation) captioned with one of their shapes only")
     p.add_argument("--init", type=Path, default=None,
                    help="continue phase 2 from this weights folder (training.json beside it); phase 1 is skipped")
     p.add_argument("--replay", default=None, metavar="TRAINING_JSON",
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replayed {runs} runs; the last run's weights: {a.out / f'run{runs}' / 'weights'}")
         return
     info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers,
-                 init=a.init, warmup=a.warmup, ema_decay=a.ema)
+                 init=a.init, warmup=a.warmup, ema_decay=a.ema, partial_captions=a.partial_captions)
     print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
 
 

@@ -1,0 +1,187 @@
+"""Partial captions of the shapes world: the training-stream option, its truth, the judge's meaning of a question
+when a scene holds shapes its caption does not name, and the training record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from diffprobe.errors import InputError
+from diffprobe.judges.base import ObjectSpec, Question
+from diffprobe.worlds.shapes import grammar, render
+from diffprobe.worlds.shapes.judge import ShapesJudge
+from diffprobe.worlds.shapes.model import build_tokenizer
+from diffprobe.worlds.shapes.render import Shape, pack
+
+# Digests of the exhaustive training stream, taken before partial captions existed (every shipped run trained on
+# it): the first 2000 examples (packed scenes and captions), and batch 3 of size 16 at run 2's data offset.
+STREAM_DIGEST = "9dea1871dfdb6bcb9ffc26e597985d914c817db4b828e283f81131dd9a68c84b"
+BATCH_DIGEST = "95fa6e0eefb073060eac0dd218e66a72ffba953e0d4246286ca33039f87019d8"
+
+
+def _digest(examples: list) -> str:
+    params, colors = pack([s for s, _ in examples], 6)
+    h = hashlib.sha256(params.numpy().tobytes() + colors.numpy().tobytes())
+    h.update("\n".join(c for _, c in examples).encode())
+    return h.hexdigest()
+
+
+def test_stream_without_partial_captions_is_the_one_every_run_trained_on():
+    from diffprobe.worlds.shapes.train import _Batches
+
+    assert _digest([grammar.training_example(i) for i in range(2000)]) == STREAM_DIGEST
+    assert _digest([grammar.training_example(i, 0.0) for i in range(2000)]) == STREAM_DIGEST
+    params, colors, captions = _Batches(16, 743936)[3]
+    h = hashlib.sha256(params.numpy().tobytes() + colors.numpy().tobytes() + "\n".join(captions).encode())
+    assert h.hexdigest() == BATCH_DIGEST
+
+
+def _partial(exhaustive: dict[int, str], fraction: float) -> set[int]:
+    """Indices whose caption at ``fraction`` differs from the exhaustive caption."""
+    return {i for i, caption in exhaustive.items() if grammar.training_prompt(i, fraction)[1].caption != caption}
+
+
+def test_partial_captions_touch_only_two_shape_scenes_at_the_asked_rate():
+    n = 2000
+    exhaustive = {i: grammar.training_example(i)[1] for i in range(n)}
+    two_shape = {i for i in range(n) if grammar.CATEGORIES[i % 4] in grammar.PARTIAL_CATEGORIES}
+    half = _partial(exhaustive, 0.5)
+    assert half <= two_shape  # single and count captions never change
+    # 1000 two-shape scenes: binomial counts (sd 15.8 at 0.5, 14.5 at 0.3 and 0.7); 4 sd either side.
+    assert abs(len(half) - 500) < 64
+    low, high = _partial(exhaustive, 0.3), _partial(exhaustive, 0.7)
+    assert low <= half <= high  # nested: a larger fraction keeps the scenes a smaller one captioned partially
+    assert abs(len(low) - 300) < 58 and abs(len(high) - 700) < 58
+    assert _partial({i: exhaustive[i] for i in sorted(two_shape)[:200]}, 1.0) == set(sorted(two_shape)[:200])
+    for i in range(40):  # scenes never change, and the same index gives the same caption every time
+        scene, p = grammar.training_prompt(i, 0.5)
+        assert scene == grammar.training_example(i)[0]
+        assert grammar.training_prompt(i, 0.5)[1] == p
+
+
+def test_partial_captions_name_one_shape_of_the_scene_truthfully():
+    judge, tok = ShapesJudge(), build_tokenizer()
+    exhaustive_prompts = []
+    seen_templates = set()
+    for i in [i for i in range(800) if grammar.CATEGORIES[i % 4] in grammar.PARTIAL_CATEGORIES]:
+        scene, p = grammar.training_prompt(i, 1.0)
+        full = grammar.make_scene("train", grammar.CATEGORIES[i % 4], i // 4)[1]
+        exhaustive_prompts.append(full)
+        (spec,) = p.question.objects
+        assert p.question.kind == "count" and p.question.count == 1 and p.question.text == p.caption
+        assert spec in full.question.objects  # one of the shapes the full caption names, size word and all
+        assert str(spec) in p.caption and tok.unk_token_id not in tok(p.caption).input_ids
+        other = next(o for o in full.question.objects if o != spec)
+        assert other.color not in p.caption.split() and other.noun not in p.caption.split()
+        image = render(scene)
+        assert judge.judge(image, p.question).correct, (p.caption, judge.judge(image, p.question).reason)
+        assert judge.judge(image, full.question).correct
+        seen_templates.add(p.caption.split(str(spec))[0])
+    assert seen_templates == {"a ", "one ", "there is a "}  # the training single-object phrasings, no held-out one
+    assert len(exhaustive_prompts) > 150
+
+
+def test_a_bad_fraction_is_a_clear_error(tmp_path):
+    from diffprobe.worlds.shapes.train import main, train
+
+    with pytest.raises(InputError, match="between 0 and 1"):
+        grammar.training_example(1, 1.5)
+    with pytest.raises(InputError, match="--partial-captions"):
+        train(tmp_path, steps=1, device="cpu", workers=0, partial_captions=-0.1)
+    with pytest.raises(InputError, match="--partial-captions"):
+        main(["--out", str(tmp_path), "--partial-captions", "2"])
+    assert not (tmp_path / "weights").exists()
+
+
+# --- the judge: a question is about the shapes it names ----------------------------------------------------------
+
+
+def _image(*shapes):
+    return render(tuple(shapes))
+
+
+def test_count_questions_count_the_named_shapes_only():
+    judge = ShapesJudge()
+    image = _image(Shape("circle", "red", "small", 0.15, 0.15), Shape("circle", "red", "small", 0.5, 0.15),
+                   Shape("circle", "red", "small", 0.85, 0.15), Shape("square", "blue", "small", 0.15, 0.8),
+                   Shape("square", "red", "small", 0.5, 0.8), Shape("circle", "green", "small", 0.85, 0.8))
+    red_circles = ObjectSpec("circle", "red")
+    # Three red circles beside a blue square, a red square and a green circle: the unnamed shapes do not count.
+    assert [judge.judge(image, Question("count", (red_circles,), count=n)).correct for n in (2, 3, 4)] == \
+        [False, True, False]
+    assert judge.judge(image, Question("count", (red_circles,), count=3)).answer == "3"
+    # "a blue square" (count 1) holds beside five other shapes; "a red circle" does not: three are named by it.
+    assert judge.judge(image, Question("count", (ObjectSpec("square", "blue"),), count=1)).correct
+    assert not judge.judge(image, Question("count", (red_circles,), count=1)).correct
+
+
+def test_binding_and_relation_questions_allow_unnamed_shapes():
+    judge = ShapesJudge()
+    image = _image(Shape("circle", "red", "medium", 0.2, 0.5), Shape("square", "blue", "medium", 0.8, 0.5),
+                   Shape("triangle", "green", "medium", 0.5, 0.15))
+    red, blue = ObjectSpec("circle", "red"), ObjectSpec("square", "blue")
+    assert judge.judge(image, Question("attribute", (red, blue))).correct
+    assert not judge.judge(image, Question("attribute", (red, ObjectSpec("square", "purple")))).correct
+    assert judge.judge(image, Question("relation", (red, blue), relation="left_of")).correct
+    assert not judge.judge(image, Question("relation", (red, blue), relation="right_of")).correct
+
+
+def test_no_suite_question_says_only():
+    # Questions allow shapes they do not name; no caption of the grammar asks for "only" those it names.
+    words = {w for ts in grammar.TEMPLATES.values() for t, _ in ts for w in t.split()} | set(grammar.SUFFIX.split())
+    assert "only" not in words and "just" not in words and "nothing" not in words
+
+
+def test_suite_verdicts_on_their_own_scenes_are_unchanged():
+    # Every suite question is true of its own rendered scene, as before partial captions existed.
+    judge = ShapesJudge()
+    for category in grammar.CATEGORIES:
+        for i in range(25):
+            scene, p = grammar.make_scene("eval", category, i)
+            assert judge.judge(render(scene), p.question).correct, p.caption
+
+
+# --- the training record and the model card ----------------------------------------------------------------------
+
+
+def test_a_continuation_records_its_partial_captions(tmp_path, monkeypatch):
+    from diffprobe.worlds.shapes import train as training
+    from diffprobe.worlds.shapes.record import same_settings
+
+    seen: list[float] = []
+    original = training._Batches.__init__
+
+    def spy(self, batch, offset=0, partial_captions=0.0):
+        seen.append(partial_captions)
+        original(self, batch, offset, partial_captions)
+
+    parent = training.train(tmp_path / "a", seed=1, vae_steps=1, steps=1, batch=2, device="cpu", workers=0,
+                            log_every=1)
+    assert parent["partial_captions"] == 0.0
+    assert "Partial captions" not in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    monkeypatch.setattr(training._Batches, "__init__", spy)
+    record = training.train(tmp_path / "b", seed=2, steps=1, batch=2, device="cpu", workers=0, log_every=1,
+                            init=tmp_path / "a" / "weights", warmup=1, ema_decay=0.5, partial_captions=0.5)
+    assert seen[-1] == 0.5  # the denoiser's batches read the partial stream (the autoencoder's never do)
+    saved = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert saved["partial_captions"] == 0.5 and saved["init"]["partial_captions"] == 0.0
+    assert "0.5 of binding and relation scenes captioned partially" in saved["data"]
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "--partial-captions 0.5" in card and "Partial captions: 0.5 of the binding and relation scenes" in card
+    # A record written before the setting existed replays as exhaustive captions.
+    old = {k: v for k, v in parent.items() if k != "partial_captions"}
+    assert same_settings(parent, old) and not same_settings(record, {**old, "unet_steps": 1, "seed": 2,
+                                                                     "batch": 2, "warmup": 1, "ema_decay": 0.5,
+                                                                     "vae_steps": 0})
+    assert same_settings(record, {**record})
+
+
+def test_partial_batches_hold_the_partial_stream():
+    from diffprobe.worlds.shapes.train import _Batches
+
+    _, _, captions = _Batches(8, 40, 0.7)[2]
+    assert captions == [grammar.training_example(j, 0.7)[1] for j in range(56, 64)]
+    assert np.array_equal(_Batches(8, 40, 0.7)[2][0].numpy(), _Batches(8, 40)[2][0].numpy())  # same scenes
