@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffprobe.errors import InputError
 from diffprobe.judges.base import ObjectSpec, Question
@@ -147,10 +148,21 @@ def test_suite_verdicts_on_their_own_scenes_are_unchanged():
 # --- the training record and the model card ----------------------------------------------------------------------
 
 
-def test_a_continuation_records_its_partial_captions(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    """A tiny trained folder to continue (one autoencoder step, one denoiser step)."""
+    from diffprobe.worlds.shapes.train import train
+
+    out = tmp_path_factory.mktemp("parent")
+    record = train(out, seed=1, vae_steps=1, steps=1, batch=2, device="cpu", workers=0, log_every=1)
+    return out, record
+
+
+def test_a_continuation_records_its_partial_captions(tmp_path, monkeypatch, parent):
     from diffprobe.worlds.shapes import train as training
     from diffprobe.worlds.shapes.record import same_settings
 
+    folder, record0 = parent
     seen: list[float] = []
     original = training._Batches.__init__
 
@@ -158,25 +170,57 @@ def test_a_continuation_records_its_partial_captions(tmp_path, monkeypatch):
         seen.append(partial_captions)
         original(self, batch, offset, partial_captions)
 
-    parent = training.train(tmp_path / "a", seed=1, vae_steps=1, steps=1, batch=2, device="cpu", workers=0,
-                            log_every=1)
-    assert parent["partial_captions"] == 0.0
-    assert "Partial captions" not in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    assert record0["partial_captions"] == 0.0
+    assert "Partial captions" not in (folder / "MODEL_CARD.md").read_text()
     monkeypatch.setattr(training._Batches, "__init__", spy)
     record = training.train(tmp_path / "b", seed=2, steps=1, batch=2, device="cpu", workers=0, log_every=1,
-                            init=tmp_path / "a" / "weights", warmup=1, ema_decay=0.5, partial_captions=0.5)
+                            init=folder / "weights", warmup=1, ema_decay=0.5, partial_captions=0.5)
     assert seen[-1] == 0.5  # the denoiser's batches read the partial stream (the autoencoder's never do)
     saved = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert saved == json.loads(json.dumps(record))
     assert saved["partial_captions"] == 0.5 and saved["init"]["partial_captions"] == 0.0
     assert "0.5 of binding and relation scenes captioned partially" in saved["data"]
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "--partial-captions 0.5" in card and "Partial captions: 0.5 of the binding and relation scenes" in card
     # A record written before the setting existed replays as exhaustive captions.
-    old = {k: v for k, v in parent.items() if k != "partial_captions"}
-    assert same_settings(parent, old) and not same_settings(record, {**old, "unet_steps": 1, "seed": 2,
-                                                                     "batch": 2, "warmup": 1, "ema_decay": 0.5,
-                                                                     "vae_steps": 0})
-    assert same_settings(record, {**record})
+    old = {k: v for k, v in record0.items() if k != "partial_captions"}
+    assert same_settings(record0, old)
+    assert not same_settings({**record, "partial_captions": 0.0}, record)
+
+
+def test_a_killed_continuation_resumes_from_its_checkpoint(tmp_path, monkeypatch, parent):
+    from diffusers import UNet2DConditionModel
+
+    from diffprobe.worlds.shapes import train as training
+    from diffprobe.worlds.shapes.train import train
+
+    folder, _ = parent
+    args = dict(seed=3, steps=4, batch=2, device="cpu", workers=0, log_every=1, init=folder / "weights", warmup=1,
+                ema_decay=0.5, partial_captions=0.5, checkpoint_every=2)
+    whole = train(tmp_path / "whole", **args)
+    assert whole["resumed_from_step"] is None and not (tmp_path / "whole" / "checkpoints").exists()
+
+    original = training._Batches.__getitem__
+
+    def killed(self, i):
+        if i == 2:  # the batch of step 3, after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return original(self, i)
+
+    monkeypatch.setattr(training._Batches, "__getitem__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "killed", **args)
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(training._Batches, "__getitem__", original)
+    resumed = train(tmp_path / "killed", **args)
+    assert resumed["resumed_from_step"] == 2 and resumed["unet_steps"] == 4
+    a = UNet2DConditionModel.from_pretrained(tmp_path / "whole" / "weights" / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(tmp_path / "killed" / "weights" / "unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as the uninterrupted run
+    rows = lambda d: [r.split(",")[:3] for r in (tmp_path / d / "loss.csv").read_text().splitlines()]  # noqa: E731
+    assert rows("killed") == rows("whole")
+    with pytest.raises(InputError, match="--init"):
+        train(tmp_path / "scratch", steps=1, device="cpu", workers=0, checkpoint_every=2)
 
 
 def test_partial_batches_hold_the_partial_stream():

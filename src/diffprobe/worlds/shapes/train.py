@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ...errors import InputError, exit_on_user_error
 from ...models.loading import choose_device
-from ...training import LossLog, StepContext, Trainer, TrainSettings
+from ...training import LossLog, StepContext, Trainer, TrainSettings, latest_checkpoint
 from . import grammar, model
 from .card import model_card
 from .record import chain, examples_seen, same_settings, setting
@@ -166,9 +167,11 @@ def _calibrate_latents(vae, batch: int, on: _Device) -> float:
 
 def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, lr: float, warmup: int,
                     ema_decay: float, parent: dict | None, deadline: float, workers: int, on: _Device,
-                    log: LossLog, partial_captions: float = 0.0) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+                    log: LossLog, partial_captions: float = 0.0, checkpoint_every: int = 0,
+                    work_dir: Path | None = None) -> tuple[torch.nn.Module, torch.nn.Module, int]:
     """Phase 2 on the training core: UNet + text encoder, epsilon loss, 10% caption dropout, EMA. Returns both
-    models holding their EMA weights and the steps done (fewer than ``steps`` when the deadline passes)."""
+    models holding their EMA weights and the steps done (fewer than ``steps`` when the deadline passes). With
+    ``checkpoint_every`` the core checkpoints into ``work_dir`` and resumes from its newest checkpoint."""
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
     tokenizer, scheduler = model.build_tokenizer(), model.build_scheduler()
     sf = vae.config.scaling_factor
@@ -202,9 +205,12 @@ def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, 
 
     settings = TrainSettings(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema_decay,
                              ema_warmup=parent is None, mixed_precision="auto" if on.dev.type == "cuda" else "no",
-                             gradient_checkpointing=False, log_every=log.every, device=on.dev.type)
-    result = Trainer(settings).fit({"unet": unet, "text_encoder": text_encoder}, loss, batches, None, log=log,
-                                   phase="unet", stop=lambda step: time.time() > deadline, generator=on.gen)
+                             gradient_checkpointing=False, log_every=log.every, device=on.dev.type,
+                             checkpoint_every=checkpoint_every)
+    identity = {"parent": parent, "data_offset": offset, "batch": batch, "partial_captions": partial_captions}
+    result = Trainer(settings).fit({"unet": unet, "text_encoder": text_encoder}, loss, batches,
+                                   work_dir if checkpoint_every else None, identity=identity, log=log, phase="unet",
+                                   stop=lambda step: time.time() > deadline, generator=on.gen)
     return unet, text_encoder, result.steps
 
 
@@ -223,16 +229,23 @@ def train(
     warmup: int = 300,
     ema_decay: float = 0.999,
     partial_captions: float = 0.0,
+    checkpoint_every: int = 0,
 ) -> dict:
     """Train from scratch, or with ``init`` (a weights folder) continue phase 2 from it on fresh examples.
 
     ``partial_captions``: the fraction of two-shape scenes whose phase-2 caption names one of the shapes
     (:func:`grammar.training_prompt`); 0 trains on exhaustive captions, the stream every earlier run used.
+    ``checkpoint_every`` (continuations only): checkpoint phase 2 into ``out/checkpoints`` every so many steps; a
+    killed run started again with the same arguments resumes from the newest checkpoint (on the CPU, to the same
+    weights as an uninterrupted run); the checkpoints are removed once the weights are saved.
 
     Writes ``out/weights``, ``out/loss.csv``, ``out/training.json`` and ``out/MODEL_CARD.md``; returns the record.
     """
     if not 0.0 <= partial_captions <= 1.0:
         raise InputError(f"--partial-captions {partial_captions}: give a fraction of scenes between 0 and 1")
+    if checkpoint_every and init is None:
+        raise InputError("--checkpoint-every needs --init: a run from scratch trains its autoencoder first, which "
+                         "is not checkpointed")
     on = _Device.make(device, seed)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,18 +257,29 @@ def train(
         models = model.build_models(seed)
     models = {k: models[k].to(on.dev) for k in ("vae", "unet", "text_encoder")}
     vae = models["vae"]
-    log = LossLog(out / "loss.csv", log_every)
+    work_dir = out / "checkpoints"
+    found = latest_checkpoint(work_dir) if checkpoint_every else None
+    if found is not None:  # the loss log and the clock continue from the checkpoint
+        state = json.loads((found / "state.json").read_text())
+        log = LossLog.resume(out / "loss.csv", log_every, "unet", state["step"], state["loss_partial_sum"],
+                             state["elapsed_s"])
+        print(f"resuming from {found}", flush=True)
+    else:
+        log = LossLog(out / "loss.csv", log_every)
     deadline = log.t0 + max_minutes * 60 if max_minutes else math.inf
     try:
         _train_autoencoder(vae, vae_steps, batch, workers, on, log)
         recon_mse = _calibrate_latents(vae, batch, on) if parent is None else parent["vae_recon_mse"]
         vae_seconds = time.time() - log.t0
         ema_unet, ema_text, done = _train_denoiser(models, steps, batch, lr, warmup, ema_decay, parent, deadline,
-                                                   workers, on, log, partial_captions)
+                                                   workers, on, log, partial_captions, checkpoint_every,
+                                                   work_dir)
     finally:
         log.close()
     total = time.time() - log.t0
     model.save_pipeline(out / "weights", vae.cpu(), ema_unet.cpu(), ema_text.cpu())
+    if checkpoint_every:
+        shutil.rmtree(work_dir, ignore_errors=True)
     info = {
         "seed": seed,
         "vae_steps": vae_steps,
@@ -267,6 +291,7 @@ def train(
         "ema_decay": ema_decay,
         "caption_dropout": CAPTION_DROPOUT,
         "partial_captions": partial_captions,
+        "resumed_from_step": int(state["step"]) if found is not None else None,
         "max_minutes": max_minutes,
         "vae_scaling_factor": vae.config.scaling_factor,
         "vae_recon_mse": recon_mse,
@@ -308,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--partial-captions", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of two-shape scenes (binding, relation) captioned with one of their shapes only")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="with --init: checkpoint phase 2 into OUT/checkpoints; the same command resumes a killed run")
     p.add_argument("--init", type=Path, default=None,
                    help="continue phase 2 from this weights folder (training.json beside it); phase 1 is skipped")
     p.add_argument("--replay", default=None, metavar="TRAINING_JSON",
@@ -325,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replayed {runs} runs; the last run's weights: {a.out / f'run{runs}' / 'weights'}")
         return
     info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers,
-                 init=a.init, warmup=a.warmup, ema_decay=a.ema, partial_captions=a.partial_captions)
+                 init=a.init, warmup=a.warmup, ema_decay=a.ema, partial_captions=a.partial_captions,
+                 checkpoint_every=a.checkpoint_every)
     print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
 
 
