@@ -571,4 +571,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: finished continuations, checkpoints, images and verdicts are kept; run the same "
+                 "command to resume")

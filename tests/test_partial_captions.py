@@ -229,3 +229,54 @@ def test_partial_batches_hold_the_partial_stream():
     _, _, captions = _Batches(8, 40, 0.7)[2]
     assert captions == [grammar.training_example(j, 0.7)[1] for j in range(56, 64)]
     assert np.array_equal(_Batches(8, 40, 0.7)[2][0].numpy(), _Batches(8, 40)[2][0].numpy())  # same scenes
+
+
+# --- the experiment's decision rule (examples/partial_captions.py) ------------------------------------------------
+
+
+def _example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "partial_captions.py"
+    spec = importlib.util.spec_from_file_location("partial_captions_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _quality(single: float, count: float) -> dict:
+    return {"models": {"control": {"single": {"accuracy": 0.90}, "count": {"accuracy": 0.50}},
+                       "partial-0.5": {"single": {"accuracy": single}, "count": {"accuracy": count}}}}
+
+
+def _curves(concept: list[tuple[float, float]], scfg: list[tuple[float, float]]) -> dict:
+    rows = lambda pts: [{"point": f"p{i}", "all": {"difference": d, "p": p}} for i, (d, p) in enumerate(pts)]  # noqa: E731
+    return {"curves": {"concept": rows(concept), "scfg": rows(scfg)}}
+
+
+def test_the_decision_rule_needs_quality_within_3_points_and_a_helping_point_after_holm():
+    ex = _example()
+    curves = _curves([(0.05, 0.004), (0.02, 0.2), (-0.10, 0.001)], [(0.03, 0.01), (0.0, 0.9), (0.04, 0.03)])
+    # Holm over the six p-values: 0.001 x 6 = 0.006 (a harmful point), 0.004 x 5 = 0.02, 0.01 x 4 = 0.04,
+    # 0.03 x 3 = 0.09, then 0.2 x 2 = 0.4 and 0.9.
+    d = ex.decision(_quality(0.88, 0.48), curves, "partial-0.5")
+    assert d["within_3_points"] and d["ship"]
+    assert [(h["method"], h["point"]) for h in d["helping_points"]] == [("concept", "p0"), ("scfg", "p0")]
+    assert [h["p_holm_6"] for h in d["helping_points"]] == pytest.approx([0.02, 0.04])
+    assert d["single_count_vs_control"] == pytest.approx({"single": -0.02, "count": -0.02})
+    assert not ex.decision(_quality(0.88, 0.46), curves, "partial-0.5")["ship"]  # count 4 points below
+    assert ex.decision(_quality(0.93, 0.53), curves, "partial-0.5")["ship"]  # exactly 3 points above
+    harmful_only = _curves([(-0.05, 0.001), (0.0, 1.0), (0.0, 1.0)], [(0.02, 0.04), (0.0, 1.0), (0.0, 1.0)])
+    assert not ex.decision(_quality(0.90, 0.50), harmful_only, "partial-0.5")["ship"]  # 0.04 x 5 = 0.2 after Holm
+
+
+def test_per_prompt_gain_pairs_images_by_prompt_and_seed():
+    from types import SimpleNamespace as NS
+
+    ex = _example()
+    base = NS(images={("a", 0): NS(correct=True), ("a", 1): NS(correct=False), ("b", 0): NS(correct=False),
+                      ("b", 1): NS(correct=None), ("c", 0): NS(correct=True)})
+    arm = NS(images={("a", 0): NS(correct=True), ("a", 1): NS(correct=True), ("b", 0): NS(correct=True),
+                     ("b", 1): NS(correct=True)})
+    assert ex.per_prompt_gain(base, arm) == {"a": 0.5, "b": 1.0}  # b's seed 1 is unjudged in base; c has no pair
