@@ -154,13 +154,17 @@ def train_all(args: argparse.Namespace, timer: Timer) -> dict[str, Path]:
     return {name: timer.run(f"train {name}", train_one, args, name, f) for name, f in continuations(args).items()}
 
 
-def seconds_per_step(args: argparse.Namespace) -> dict[str, float]:
+def training_records(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The settings and cost of each finished continuation under OUT/models, from its training.json."""
     out = {}
-    for name in continuations(args):
-        path = args.out / "models" / name / "training.json"
-        if path.is_file():
-            r = json.loads(path.read_text())
-            out[name] = r["seconds_total"] / max(1, r["unet_steps"] - (r.get("resumed_from_step") or 0))
+    for path in sorted((args.out / "models").glob("*/training.json")):
+        r = json.loads(path.read_text())
+        resumed = r.get("resumed_from_step") or 0
+        out[path.parent.name] = {
+            **{k: r.get(k) for k in ("partial_captions", "unet_steps", "batch", "lr", "seed", "data_offset",
+                                     "seconds_total", "device", "resumed_from_step")},
+            # seconds_total counts the steps of the last start only; loading and saving included
+            "seconds_per_step": r["seconds_total"] / max(1, r["unet_steps"] - resumed)}
     return out
 
 
@@ -427,7 +431,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     curves_ = {m: curve_report(args, m) for m in (CONTROL, name)}
     result = {"partial_model": name, "selection": choice, "quality": quality, "guidance": curves_,
               "hypothesis": hypothesis(args, name), "decision": decision(quality, curves_[name], name),
-              "seconds_per_training_step": seconds_per_step(args),
+              "training": training_records(args),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     if (args.out / "timing.json").is_file():
         result["timing"] = json.loads((args.out / "timing.json").read_text())
@@ -458,12 +462,13 @@ def _test(r: dict[str, Any] | None, holm_key: str = "p_holm") -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     name, q = result["partial_model"], result["quality"]
-    settings = result["settings"]
-    smoke = settings["steps"] < 100 or settings["guided_prompts"] < 10 or (settings["sampler_steps"] or 25) < 10
+    steps = min(r["unet_steps"] for r in result["training"].values())
+    images = min(a["all"]["n"] for a in result["guidance"][name]["arms"].values())
+    smoke = steps < 100 or images < 40
     lines = [f"# Partial captions: {name} vs {CONTROL}", ""]
     if smoke:
-        lines += [f"SMOKE RUN ({result['settings']['steps']} training steps): the numbers below prove that every "
-                  "stage runs; they are not results.", ""]
+        lines += [f"SMOKE RUN ({steps} training steps, {images} images per guidance arm): the numbers below prove "
+                  "that every stage runs; they are not results.", ""]
     lines += [f"Fraction: {result['selection']['fraction']:g} ({result['selection']['why']}).", "",
               "## Accuracy under CFG 3.5 (eval split)", "",
               "| category | " + f"{CONTROL} % [Wilson 95 %] | {name} % | {name} - {CONTROL}, pts [95 %], McNemar p, "
@@ -512,8 +517,17 @@ def markdown(result: dict[str, Any]) -> str:
                            for x in d["helping_points"]) or "none") + ".", "",
               "**The rule says: " + ("ship the partial-caption weights as shapes" if d["ship"]
                                      else "keep the shipped weights") + ".**", ""]
-    if sps := result.get("seconds_per_training_step"):
-        lines.append("Seconds per training step: " + ", ".join(f"{k} {v:.2f}" for k, v in sps.items()) + ".")
+    if d["ship"]:
+        lines += [f"Next: copy `models/{name}/weights` and its `training.json` over `src/diffprobe/worlds/shapes/`,"
+                  " then `python -m diffprobe.worlds.shapes.evaluate --per-category 150 --card"
+                  " src/diffprobe/worlds/shapes` and `python examples/guidance_shapes.py` for the effect tables.", ""]
+    else:
+        lines += ["Next: keep today's weights and write this negative result, with these numbers, into "
+                  "`docs/guidance.md`.", ""]
+    lines.append("Training: " + "; ".join(
+        f"{k}: {r['unet_steps']} steps of batch {r['batch']}, {r['seconds_total'] / 60:.1f} min on {r['device']} "
+        f"({r['seconds_per_step']:.2f} s per step, loading and saving included)" for k, r in result["training"].items())
+        + ".")
     return "\n".join(lines) + "\n"
 
 
