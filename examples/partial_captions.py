@@ -544,7 +544,7 @@ def main() -> None:
     g = parser.add_argument_group("continuations (the same for every fraction and the control)")
     g.add_argument("--fractions", type=float, nargs="+", default=[0.5],
                    help="candidate partial-caption fractions; several are chosen between on the train split")
-    g.add_argument("--steps", type=int, default=1800, help="UNet + text-encoder steps of each continuation")
+    g.add_argument("--steps", type=int, default=1700, help="UNet + text-encoder steps of each continuation")
     g.add_argument("--batch", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--warmup", type=int, default=50)

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--partial-captions", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of two-shape scenes (binding, relation) captioned with one of their shapes only")
+    p.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="steps per loss.csv row")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="with --init: checkpoint phase 2 into OUT/checkpoints; the same command resumes a killed run")
     p.add_argument("--init", type=Path, default=None,
@@ -352,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replayed {runs} runs; the last run's weights: {a.out / f'run{runs}' / 'weights'}")
         return
     info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers,
-                 init=a.init, warmup=a.warmup, ema_decay=a.ema, partial_captions=a.partial_captions,
-                 checkpoint_every=a.checkpoint_every)
+                 log_every=a.log_every, init=a.init, warmup=a.warmup, ema_decay=a.ema,
+                 partial_captions=a.partial_captions, checkpoint_every=a.checkpoint_every)
     print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
 
 
