@@ -159,12 +159,11 @@ def training_records(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out = {}
     for path in sorted((args.out / "models").glob("*/training.json")):
         r = json.loads(path.read_text())
-        resumed = r.get("resumed_from_step") or 0
         out[path.parent.name] = {
             **{k: r.get(k) for k in ("partial_captions", "unet_steps", "batch", "lr", "seed", "data_offset",
                                      "seconds_total", "device", "resumed_from_step")},
-            # seconds_total counts the steps of the last start only; loading and saving included
-            "seconds_per_step": r["seconds_total"] / max(1, r["unet_steps"] - resumed)}
+            # a resumed run's clock continues from its checkpoint; loading and saving are included
+            "seconds_per_step": r["seconds_total"] / max(1, r["unet_steps"])}
     return out
 
 
