@@ -32,7 +32,16 @@ DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.p
 SD21 = HUB + ", the user's copy of Comp90 and a VLM server (tests/test_seeds.py mines with the same code)"
 SEEDS_EXPERIMENT = ("the whole reliable-seeds experiment: about 40 processes and fine-tunes, CPU-hours at the "
                     "full size and minutes even at the smoke size (its commands are each run by the seeds section)")
+PARTIAL_EXPERIMENT = ("the partial-captions experiment: two continuations of the shipped model and about 40 "
+                      "audit arms, CPU-hours at the full size and minutes even at the smoke size (tests/"
+                      "test_partial_captions.py tests the option, the trainer's resume and the decision rule)")
 SKIPPED = {
+    "python examples/partial_captions.py --out results/partial_captions --fractions 0.5 --steps 1700":
+    PARTIAL_EXPERIMENT,
+    "python examples/partial_captions.py --out /tmp/partial-smoke --steps 2 --batch 4 --checkpoint-every 1 "
+    "--workers 0 --fractions 0.3 0.7 --select-quality-prompts 2 --select-guided-prompts 2 --select-seeds 1 "
+    "--quality-prompts 2 --quality-seeds 2 --guided-prompts 2 --guided-seeds 1 --sampler-steps 2 --sample-batch 8":
+    PARTIAL_EXPERIMENT,
     "make demo": "creates .venv and installs with pip (network); tests/test_audit.py runs a smaller audit",
     "diffprobe audit examples/audit-shapes.yaml --out runs/demo-audit": "the demo audit takes minutes; "
     "tests/test_audit.py runs a tiny one",

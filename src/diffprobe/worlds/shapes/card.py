@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .record import chain
+from .record import chain, setting
 
 
 def _precision(run: dict) -> str:
@@ -24,14 +24,20 @@ def _training_lines(training: dict) -> list[str]:
             command += f" --vae-steps {st['vae_steps']}"
         else:
             command += f" --init RUN{k - 1}/weights --lr {st['lr']} --warmup {st['warmup']} --ema {st['ema_decay']}"
+        partial = setting(st, "partial_captions")
+        if partial:
+            command += f" --partial-captions {partial:g}"
         command += f" --steps {st['unet_steps']} --batch {st['batch']} --out RUN{k}"
         stopped = (f" (run with `--max-minutes {st['max_minutes']}`, which stopped it at step {st['unet_steps']} of"
                    f" {st['unet_steps_requested']})" if st.get("max_minutes") else "")
+        captions = (f" Partial captions: {partial:g} of the binding and relation scenes are captioned with one of"
+                    " their two shapes only (\"a red circle\" beside an unnamed blue square); the other scenes name"
+                    " every shape." if partial else "")
         what = "from scratch" if k == 1 else f"continued from run {k - 1}'s EMA weights"
         lines += [
             f"- Run {k}, phase 2 (UNet + text encoder, {what}): `{command}`{stopped}. {st['unet_steps']} steps, batch"
             f" {st['batch']}, AdamW {st['lr']}, {st['warmup']} warm-up steps, gradient clip 1.0, caption dropout"
-            f" {st['caption_dropout']}, EMA {st['ema_decay']} (the run saves the EMA weights)."
+            f" {st['caption_dropout']}, EMA {st['ema_decay']} (the run saves the EMA weights).{captions}"
             f" Hardware: {st['device']}, torch {st['torch']}, {_precision(st)};"
             f" {st['seconds_total'] / 60:.1f} minutes.",
         ]

@@ -44,6 +44,9 @@ TEMPLATES: dict[str, list[tuple[str, bool]]] = {
 }
 _TEMPLATE_RELATION = {"left": "left_of", "right": "right_of", "above": "above", "below": "below"}
 _SPLIT_CODE = {"train": 101, "eval": 202}
+#: Categories whose scenes can be captioned partially (two shapes of different colours and kinds).
+PARTIAL_CATEGORIES: tuple[str, ...] = ("binding", "relation")
+_PARTIAL_STREAM = 303  # seeds the partial-caption draws apart from the scene's own stream
 _MARGIN = 0.03  # min distance from the border and min gap between boxes (image fractions)
 
 
@@ -196,10 +199,52 @@ def _clear(a: tuple[float, float], b: tuple[float, float], relation: str) -> boo
     return dx >= 2 * dy if relation in ("left_of", "right_of") else dy >= 2 * dx
 
 
-def training_example(index: int) -> tuple[Scene, str]:
-    """The index-th example of the training stream: categories cycle, each with its own id sequence."""
-    scene, prompt = make_scene("train", CATEGORIES[index % len(CATEGORIES)], index // len(CATEGORIES))
+def training_prompt(index: int, partial_captions: float = 0.0) -> tuple[Scene, ShapesPrompt]:
+    """The index-th example of the training stream: categories cycle, each with its own id sequence.
+
+    ``partial_captions`` is the fraction of the scenes of :data:`PARTIAL_CATEGORIES` whose caption names only part
+    of the scene (see :func:`partial_prompt`). Which scenes, and what their captions name, come from a random
+    stream of their own, seeded by the example's id: the scenes and every other caption are those of the
+    exhaustive stream, and a scene captioned partially at one fraction is captioned the same way at any larger one.
+    """
+    if not 0.0 <= partial_captions <= 1.0:
+        from ...errors import InputError
+
+        raise InputError(f"partial captions {partial_captions!r}: give a fraction of scenes between 0 and 1")
+    category, i = CATEGORIES[index % len(CATEGORIES)], index // len(CATEGORIES)
+    scene, prompt = make_scene("train", category, i)
+    if partial_captions > 0 and category in PARTIAL_CATEGORIES:
+        rng = np.random.default_rng([_SPLIT_CODE["train"], CATEGORIES.index(category), i, _PARTIAL_STREAM])
+        if rng.random() < partial_captions:
+            prompt = partial_prompt(prompt, rng)
+    return scene, prompt
+
+
+def training_example(index: int, partial_captions: float = 0.0) -> tuple[Scene, str]:
+    """The index-th training scene and its caption (:func:`training_prompt`)."""
+    scene, prompt = training_prompt(index, partial_captions)
     return scene, prompt.caption
+
+
+def partial_prompt(prompt: ShapesPrompt, rng: np.random.Generator) -> ShapesPrompt:
+    """A caption naming a random non-empty proper subset of ``prompt``'s shapes, with a question about those only.
+
+    The grammar's multi-shape scenes with distinct shapes hold two, so the subset is one of them, worded as a
+    single-object training caption ("a red circle", "one big blue square", optionally "... on a white background")
+    with its size word where the full caption had one. Its question counts that shape (exactly one, true of the
+    scene because the other shape differs in colour and kind); the unnamed shape is allowed, as in any question.
+    Count scenes are never captioned partially: their shapes share one description, so naming some of them would
+    make the count false.
+    """
+    if prompt.category not in PARTIAL_CATEGORIES:
+        raise ValueError(f"{prompt.category} captions cannot name part of their scene")
+    spec = prompt.question.objects[int(rng.integers(len(prompt.question.objects)))]
+    templates = [t for t, heldout in TEMPLATES["single"] if not heldout]  # training phrasings only
+    caption = templates[int(rng.integers(len(templates)))].format(o=str(spec))
+    if rng.random() < 0.2:
+        caption += SUFFIX
+    question = Question("count", (spec,), count=1, text=caption)
+    return ShapesPrompt(caption, "single", question, prompt.split, prompt.index, prompt.heldout_combo, False)
 
 
 def prompts(split: str, category: str | None = None, n: int = SUITE_SIZE) -> list[ShapesPrompt]:

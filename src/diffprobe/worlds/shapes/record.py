@@ -6,7 +6,9 @@ A run started with ``--init`` stores its parent's record under ``init``, so one 
 from __future__ import annotations
 
 # The settings that decide what a run trains; a replay reuses a finished run only when all of them agree.
-REPLAYED = ("seed", "vae_steps", "unet_steps", "batch", "lr", "warmup", "ema_decay")
+REPLAYED = ("seed", "vae_steps", "unet_steps", "batch", "lr", "warmup", "ema_decay", "partial_captions")
+#: Values of settings that records written before the setting existed leave out.
+DEFAULTS = {"partial_captions": 0.0}
 
 
 def chain(record: dict) -> list[dict]:
@@ -21,4 +23,9 @@ def examples_seen(record: dict | None) -> int:
 
 def same_settings(done: dict, run: dict) -> bool:
     """Whether a finished run's record ``done`` was trained with ``run``'s recorded settings."""
-    return all(done.get(key) == run[key] for key in REPLAYED)
+    return all(setting(done, key) == setting(run, key) for key in REPLAYED)
+
+
+def setting(run: dict, key: str):
+    """A run's recorded value of ``key``, or the value every run had before ``key`` was recorded."""
+    return run.get(key, DEFAULTS.get(key))

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 
 from ...errors import InputError, exit_on_user_error
 from ...models.loading import choose_device
-from ...training import LossLog, StepContext, Trainer, TrainSettings
+from ...training import LossLog, StepContext, Trainer, TrainSettings, latest_checkpoint
 from . import grammar, model
 from .card import model_card
-from .record import chain, examples_seen, same_settings
+from .record import chain, examples_seen, same_settings, setting
 from .render import pack, render_packed
 
 MAX_SHAPES = 6
@@ -36,23 +37,23 @@ CAPTION_DROPOUT = 0.1  # captions replaced by "" so that classifier-free guidanc
 class _Batches(torch.utils.data.Dataset):
     """Item ``i`` is the i-th training batch: packed scenes and captions of a contiguous index range."""
 
-    def __init__(self, batch: int, offset: int = 0):
-        self.batch, self.offset = batch, offset
+    def __init__(self, batch: int, offset: int = 0, partial_captions: float = 0.0):
+        self.batch, self.offset, self.partial_captions = batch, offset, partial_captions
 
     def __len__(self) -> int:
         return 10**9
 
     def __getitem__(self, i: int):
         start = self.offset + i * self.batch
-        examples = [grammar.training_example(j) for j in range(start, start + self.batch)]
+        examples = [grammar.training_example(j, self.partial_captions) for j in range(start, start + self.batch)]
         params, colors = pack([s for s, _ in examples], MAX_SHAPES)
         return params, colors, [c for _, c in examples]
 
 
-def _loader(batch: int, workers: int, offset: int = 0):
+def _loader(batch: int, workers: int, offset: int = 0, partial_captions: float = 0.0):
     return iter(
         torch.utils.data.DataLoader(
-            _Batches(batch, offset),
+            _Batches(batch, offset, partial_captions),
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -109,7 +110,7 @@ def replay(record: dict, out: Path, device: str | None = None, workers: int = 8,
         print(f"run {k}: {run['unet_steps']} steps, batch {run['batch']}, into {folder}")
         info = train(folder, run["seed"], run["vae_steps"], run["unet_steps"], run["batch"], run["lr"],
                      device=device, workers=workers, log_every=log_every, init=init, warmup=run["warmup"],
-                     ema_decay=run["ema_decay"])
+                     ema_decay=run["ema_decay"], partial_captions=setting(run, "partial_captions"))
         init = folder / "weights"
     return info
 
@@ -166,9 +167,11 @@ def _calibrate_latents(vae, batch: int, on: _Device) -> float:
 
 def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, lr: float, warmup: int,
                     ema_decay: float, parent: dict | None, deadline: float, workers: int, on: _Device,
-                    log: LossLog) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+                    log: LossLog, partial_captions: float = 0.0, checkpoint_every: int = 0,
+                    work_dir: Path | None = None) -> tuple[torch.nn.Module, torch.nn.Module, int]:
     """Phase 2 on the training core: UNet + text encoder, epsilon loss, 10% caption dropout, EMA. Returns both
-    models holding their EMA weights and the steps done (fewer than ``steps`` when the deadline passes)."""
+    models holding their EMA weights and the steps done (fewer than ``steps`` when the deadline passes). With
+    ``checkpoint_every`` the core checkpoints into ``work_dir`` and resumes from its newest checkpoint."""
     vae, unet, text_encoder = models["vae"], models["unet"], models["text_encoder"]
     tokenizer, scheduler = model.build_tokenizer(), model.build_scheduler()
     sf = vae.config.scaling_factor
@@ -198,13 +201,16 @@ def _train_denoiser(models: dict[str, torch.nn.Module], steps: int, batch: int, 
     offset = examples_seen(parent)
 
     def batches(position: int, rank: int, world: int):
-        return _loader(batch, workers, offset=offset + position * batch)
+        return _loader(batch, workers, offset=offset + position * batch, partial_captions=partial_captions)
 
     settings = TrainSettings(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema_decay,
                              ema_warmup=parent is None, mixed_precision="auto" if on.dev.type == "cuda" else "no",
-                             gradient_checkpointing=False, log_every=log.every, device=on.dev.type)
-    result = Trainer(settings).fit({"unet": unet, "text_encoder": text_encoder}, loss, batches, None, log=log,
-                                   phase="unet", stop=lambda step: time.time() > deadline, generator=on.gen)
+                             gradient_checkpointing=False, log_every=log.every, device=on.dev.type,
+                             checkpoint_every=checkpoint_every)
+    identity = {"parent": parent, "data_offset": offset, "batch": batch, "partial_captions": partial_captions}
+    result = Trainer(settings).fit({"unet": unet, "text_encoder": text_encoder}, loss, batches,
+                                   work_dir if checkpoint_every else None, identity=identity, log=log, phase="unet",
+                                   stop=lambda step: time.time() > deadline, generator=on.gen)
     return unet, text_encoder, result.steps
 
 
@@ -222,11 +228,24 @@ def train(
     init: Path | None = None,
     warmup: int = 300,
     ema_decay: float = 0.999,
+    partial_captions: float = 0.0,
+    checkpoint_every: int = 0,
 ) -> dict:
     """Train from scratch, or with ``init`` (a weights folder) continue phase 2 from it on fresh examples.
 
+    ``partial_captions``: the fraction of two-shape scenes whose phase-2 caption names one of the shapes
+    (:func:`grammar.training_prompt`); 0 trains on exhaustive captions, the stream every earlier run used.
+    ``checkpoint_every`` (continuations only): checkpoint phase 2 into ``out/checkpoints`` every so many steps; a
+    killed run started again with the same arguments resumes from the newest checkpoint (on the CPU, to the same
+    weights as an uninterrupted run); the checkpoints are removed once the weights are saved.
+
     Writes ``out/weights``, ``out/loss.csv``, ``out/training.json`` and ``out/MODEL_CARD.md``; returns the record.
     """
+    if not 0.0 <= partial_captions <= 1.0:
+        raise InputError(f"--partial-captions {partial_captions}: give a fraction of scenes between 0 and 1")
+    if checkpoint_every and init is None:
+        raise InputError("--checkpoint-every needs --init: a run from scratch trains its autoencoder first, which "
+                         "is not checkpointed")
     on = _Device.make(device, seed)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,18 +257,29 @@ def train(
         models = model.build_models(seed)
     models = {k: models[k].to(on.dev) for k in ("vae", "unet", "text_encoder")}
     vae = models["vae"]
-    log = LossLog(out / "loss.csv", log_every)
+    work_dir = out / "checkpoints"
+    found = latest_checkpoint(work_dir) if checkpoint_every else None
+    if found is not None:  # the loss log and the clock continue from the checkpoint
+        state = json.loads((found / "state.json").read_text())
+        log = LossLog.resume(out / "loss.csv", log_every, "unet", state["step"], state["loss_partial_sum"],
+                             state["elapsed_s"])
+        print(f"resuming from {found}", flush=True)
+    else:
+        log = LossLog(out / "loss.csv", log_every)
     deadline = log.t0 + max_minutes * 60 if max_minutes else math.inf
     try:
         _train_autoencoder(vae, vae_steps, batch, workers, on, log)
         recon_mse = _calibrate_latents(vae, batch, on) if parent is None else parent["vae_recon_mse"]
         vae_seconds = time.time() - log.t0
         ema_unet, ema_text, done = _train_denoiser(models, steps, batch, lr, warmup, ema_decay, parent, deadline,
-                                                   workers, on, log)
+                                                   workers, on, log, partial_captions, checkpoint_every,
+                                                   work_dir)
     finally:
         log.close()
     total = time.time() - log.t0
     model.save_pipeline(out / "weights", vae.cpu(), ema_unet.cpu(), ema_text.cpu())
+    if checkpoint_every:
+        shutil.rmtree(work_dir, ignore_errors=True)
     info = {
         "seed": seed,
         "vae_steps": vae_steps,
@@ -260,6 +290,8 @@ def train(
         "warmup": warmup,
         "ema_decay": ema_decay,
         "caption_dropout": CAPTION_DROPOUT,
+        "partial_captions": partial_captions,
+        "resumed_from_step": int(state["step"]) if found is not None else None,
         "max_minutes": max_minutes,
         "vae_scaling_factor": vae.config.scaling_factor,
         "vae_recon_mse": recon_mse,
@@ -275,7 +307,9 @@ def train(
             "text_encoder": model.TEXT_CONFIG,
             "scheduler": model.SCHEDULER_CONFIG,
         },
-        "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling",
+        "data": "training split rendered on the fly: index i -> grammar.training_example(i), categories cycling"
+                + (f"; {partial_captions:g} of binding and relation scenes captioned partially (one of their two"
+                   " shapes named)" if partial_captions else ""),
         "data_offset": examples_seen(parent),
         "init": parent,
     }
@@ -297,6 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers that lay out scenes")
     p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
+    p.add_argument("--partial-captions", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of two-shape scenes (binding, relation) captioned with one of their shapes only")
+    p.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="steps per loss.csv row")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="with --init: checkpoint phase 2 into OUT/checkpoints; the same command resumes a killed run")
     p.add_argument("--init", type=Path, default=None,
                    help="continue phase 2 from this weights folder (training.json beside it); phase 1 is skipped")
     p.add_argument("--replay", default=None, metavar="TRAINING_JSON",
@@ -314,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replayed {runs} runs; the last run's weights: {a.out / f'run{runs}' / 'weights'}")
         return
     info = train(a.out, a.seed, a.vae_steps, a.steps, a.batch, a.lr, a.max_minutes, a.device, a.workers,
-                 init=a.init, warmup=a.warmup, ema_decay=a.ema)
+                 log_every=a.log_every, init=a.init, warmup=a.warmup, ema_decay=a.ema,
+                 partial_captions=a.partial_captions, checkpoint_every=a.checkpoint_every)
     print(json.dumps({k: info[k] for k in ("unet_steps", "seconds_total", "vae_recon_mse", "device")}))
 
 
