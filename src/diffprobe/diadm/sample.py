@@ -91,7 +91,7 @@ def _given_features(model: M.DiadmModel, source: Path, device, cache_dir, no_cac
 
     if source.suffix == ".npy":
         feats, _ = load_features(source, None)
-        feats = np.asarray(feats, dtype=np.float32)
+        feats = np.array(feats, dtype=np.float32)  # a writable copy of the memory-mapped file
         shas = [hashlib.sha256(row.tobytes()).hexdigest() for row in feats]
         names = [f"{source.name} row {i}" for i in range(len(feats))]
         return torch.from_numpy(feats), names, shas, {"kind": "features file", "path": str(source.resolve())}
