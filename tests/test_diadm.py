@@ -205,3 +205,16 @@ def test_images_are_read_in_path_order_with_their_classes(images):
     data = read_training_images(images)
     assert data.relative() == [f"{c}/{i}.png" for c in ("dark", "light") for i in range(4)]
     assert data.labels == [0] * 4 + [1] * 4 and data.classes == ["dark", "light"]
+
+
+def test_nearest_distances_match_brute_force():
+    from diffprobe.metrics.memorisation import distance_summary, nearest_distances
+
+    rng = np.random.default_rng(0)
+    train, queries = rng.normal(size=(50, 6)), rng.normal(size=(13, 6))
+    idx, dist = nearest_distances(train, queries, chunk=5)
+    brute = np.linalg.norm(queries[:, None, :] - train[None, :, :], axis=2)
+    assert np.array_equal(idx, brute.argmin(1)) and np.allclose(dist, brute.min(1), atol=1e-5)
+    s = distance_summary(np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), copy_quantile=0.5)
+    assert s["median"] == 1.5 and s["median_over_reference"] == 0.5 and s["near_copy_threshold"] == 3.0
+    assert s["near_copy_fraction"] == 0.75
