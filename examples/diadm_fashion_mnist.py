@@ -205,10 +205,12 @@ def report(a: argparse.Namespace, timing: dict, memo: dict) -> dict:
 
 
 def _sampling_seconds(run_dir: Path) -> float | None:
-    """Seconds per image from the stored creation times (first to last image of the run, over images - 1)."""
+    """Seconds per sampled image, as `diffprobe sample diadm` records them in the run (summed over its calls)."""
+    from diffprobe.diadm.sample import TIMING_META
+
     with open_run(run_dir) as run:
-        times = sorted(s.created for s in run.samples())
-    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        spent = run.get_meta(TIMING_META)
+    return spent["seconds"] / spent["images"] if spent and spent["images"] else None
 
 
 def markdown(r: dict) -> str:
@@ -258,11 +260,12 @@ def markdown(r: dict) -> str:
         if px:
             lines.append(f"| {row['label']} | {px['median']:.3f} | {px['median_over_reference']:.2f} | "
                          f"{px['near_copy_fraction']:.3f} | {px.get('replay_fraction', '')} |")
-    lines += ["", "## Cost", "", "| model | steps | s / step | s / sampled image |", "|---|---|---|---|"]
+    lines += ["", "## Cost", "", "| model | steps x batch | s / training step | s / sampled image |",
+              "|---|---|---|---|"]
     for m, t in r["training"].items():
         per = r["sampling_seconds_per_image"].get(m)
-        lines.append(f"| {m} | {t['steps']} | {t['seconds_per_step']} | {per:.3f} |" if per else
-                     f"| {m} | {t['steps']} | {t['seconds_per_step']} | n/a |")
+        lines.append(f"| {m} | {t['steps']} x {t['batch']} | {t['seconds_per_step']:.3f} | "
+                     + (f"{per:.3f} |" if per else "n/a |"))
     lines += ["", f"Wall seconds per stage (OMP_NUM_THREADS={r['threads']}): "
               + ", ".join(f"{k} {v:.0f}" for k, v in r["timing_s"].items()), ""]
     return "\n".join(lines)

@@ -92,6 +92,7 @@ def test_sampling_writes_one_image_per_training_feature_and_resumes(trained, tmp
     with open_run(tmp_path / "run") as run:
         samples = run.samples()
         spec = run.spec
+        assert run.get_meta("diadm_sampling")["images"] == 8  # summed over both calls
     assert sorted(s.seed for s in samples) == list(range(8))
     files = json.loads((trained / "diadm.json").read_text())["data"]["files"]
     by_seed = {s.seed: s for s in samples}

@@ -28,6 +28,7 @@ from ..store import NewSample, create_run, is_run_dir, open_run
 from . import model as M
 
 SCHEDULER = "ddim"
+TIMING_META = "diadm_sampling"  # run meta: images sampled and seconds spent, summed over calls
 
 
 @dataclass
@@ -193,5 +194,9 @@ def sample_diadm(model_dir: str | Path, out: str | Path, *, features_from: str |
             if progress is not None:
                 progress(len(rows))
     finally:
+        if generated:
+            spent = store.get_meta(TIMING_META) or {"images": 0, "seconds": 0.0}
+            store.set_meta(TIMING_META, {"images": spent["images"] + generated,
+                                         "seconds": spent["seconds"] + time.time() - t0, "device": str(dev)})
         store.close()
     return SampleResult(out, len(keys), generated, len(keys) - len(todo), time.time() - t0)
