@@ -76,7 +76,7 @@ def test_the_condition_changes_the_sample_and_the_seed_fixes_it(trained):
     picks = cond[[0, 5, 0]]  # a dark-class image, a light-class one, the first again
     x = ddim_sample(model, [3, 3, 3], picks, steps=4, device=torch.device("cpu"))
     assert torch.equal(x[0], x[2])
-    assert (x[0] - x[1]).abs().mean() > 0.05
+    assert (x[0] - x[1]).abs().mean() > 0.01  # a model that ignored the condition would give 0 exactly
     again = ddim_sample(model, [3], picks[:1], steps=4, device=torch.device("cpu"))
     assert torch.allclose(again[0], x[0], atol=1e-5)  # batch size does not decide the image
 
