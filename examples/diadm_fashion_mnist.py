@@ -1,7 +1,9 @@
 """DiADM on Fashion-MNIST: do pseudo-labels (each training image's own feature as its condition) raise diversity
 (IRS-inf,a) without hurting quality (Fréchet distance), against the unconditional and the class-conditional model?
 
-    python examples/diadm_fashion_mnist.py --out results/diadm            # every stage; a re-run resumes
+    OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out results/diadm   # every stage; a re-run resumes
+
+The defaults are the full run, sized for about 45 minutes on one idle CPU core (docs/diadm.md, "Cost").
 
 Stages, each through the project's CLI or library (so each is resumable: the models keep checkpoints, the
 samples live in run stores, features in one feature cache under OUT/cache, and a finished stage is skipped):
@@ -145,6 +147,7 @@ def memorisation(a: argparse.Namespace, train_dir: Path, test: Path) -> dict:
                                                                                       ("pixels", pix))}
     out["real-test"] = {space: distance_summary(ref[space], ref[space]) for space in ref}
     row_of = {name: i for i, name in enumerate(train_images.relative())}
+    test_row = {f"{test.name}/{name}": i for i, name in enumerate(test_images.relative())}
     for arm in ARMS:
         row: dict[str, Any] = {}
         for space, data in (("features", feats), ("pixels", pix)):
@@ -153,6 +156,10 @@ def memorisation(a: argparse.Namespace, train_dir: Path, test: Path) -> dict:
             if arm == "pseudocond":  # is the nearest training image the one the sample was conditioned on?
                 own = [row_of[r["image"]] for r in records[arm]]
                 row[space]["replay_fraction"] = float(np.mean(idx == np.array(own)))
+            if arm == "pseudocond-test":  # closer to its own (held-out) condition image than to any training image?
+                own = data["test"][[test_row[r["image"]] for r in records[arm]]]
+                to_own = np.linalg.norm(data[arm].astype(np.float64) - own, axis=1)
+                row[space]["follows_condition_fraction"] = float(np.mean(to_own < dist))
         out[arm] = row
     return out
 
@@ -224,7 +231,7 @@ def markdown(r: dict) -> str:
         f"Pseudo-labels: `{r['cond_embedder']}` features. Evaluation features: `{r['eval_embedder']}` (IRS and FD).",
         "",
         "| model | images | IRS∞ [bounds] | IRS∞,a | FD vs test | KID | NN dist. (feat.) / real | near-copies | "
-        "replay |",
+        "replay / follows |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
@@ -234,7 +241,7 @@ def markdown(r: dict) -> str:
         kid = f"{row['kid']:.4f}" if row["kid"] is not None else "n/a"
         ratio = f"{feat['median_over_reference']:.2f}" if feat else "n/a"
         copies = f"{feat['near_copy_fraction']:.3f}" if feat else "n/a"
-        replay = f"{feat['replay_fraction']:.3f}" if "replay_fraction" in feat else ""
+        replay = next((f"{feat[k]:.3f}" for k in ("replay_fraction", "follows_condition_fraction") if k in feat), "")
         lines.append(f"| {row['label']} | {row['images']} | {row['irs_inf']:.3f} [{row['irs_inf_l']:.3f}, "
                      f"{row['irs_inf_u']:.3f}] | {row['irs_inf_a']:.3f}{sd} | {row['fd']:.3f} | {kid} | {ratio} | "
                      f"{copies} | {replay} |")
@@ -248,18 +255,21 @@ def markdown(r: dict) -> str:
         "NN dist. / real: median distance of a sample to its nearest training image over the same median for the "
         "real test images (below 1: closer to the training set than new real images are). Near-copies: fraction "
         "of samples closer to the training set than the 1 % quantile of the real test images' distances. Replay: "
-        "fraction of pseudocond samples whose nearest training image is the image they were conditioned on.",
+        "fraction of pseudocond samples whose nearest training image is the image they were conditioned on. "
+        "Follows (held-out conditions): fraction of samples closer to their own test image than to every training "
+        "image.",
         "",
         "Pixel-space nearest-neighbour distances (raw grayscale pixels in [0, 1]):",
         "",
-        "| model | median | / real | near-copies | replay |",
+        "| model | median | / real | near-copies | replay / follows |",
         "|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         px = (row["nn"] or {}).get("pixels")
         if px:
+            own = next((f"{px[k]:.3f}" for k in ("replay_fraction", "follows_condition_fraction") if k in px), "")
             lines.append(f"| {row['label']} | {px['median']:.3f} | {px['median_over_reference']:.2f} | "
-                         f"{px['near_copy_fraction']:.3f} | {px.get('replay_fraction', '')} |")
+                         f"{px['near_copy_fraction']:.3f} | {own} |")
     lines += ["", "## Cost", "", "| model | steps x batch | s / training step | s / sampled image |",
               "|---|---|---|---|"]
     for m, t in r["training"].items():
@@ -278,13 +288,13 @@ def main() -> None:
     ap.add_argument("--test-size", type=int, default=1000, help="real test images (seeded subset of t10k)")
     ap.add_argument("--resolution", type=int, default=28, help="model size in pixels (Fashion-MNIST is 28)")
     ap.add_argument("--width", type=int, default=16, help="UNet channels of the first level")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sampler-steps", type=int, default=25)
+    ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--sample-batch", type=int, default=100)
     ap.add_argument("--cond-embedder", default="efficientnet-lite1@64",
                     help="features of the pseudo-labels (not the evaluation's network, as the paper conditions on "

@@ -32,9 +32,9 @@ DETECTOR = ("a hub detector and runs of a hub model (tests/test_detector_judge.p
 SD21 = HUB + ", the user's copy of Comp90 and a VLM server (tests/test_seeds.py mines with the same code)"
 SEEDS_EXPERIMENT = ("the whole reliable-seeds experiment: about 40 processes and fine-tunes, CPU-hours at the "
                     "full size and minutes even at the smoke size (its commands are each run by the seeds section)")
-DIADM_EXPERIMENT = ("the DiADM experiment: three trainings and thousands of sampled images, about 45 CPU-minutes at the "
-                    "full size and minutes at the smoke size (tests/test_diadm.py trains, samples and resumes tiny "
-                    "models; docs/diadm.md's toy commands run here)")
+DIADM_EXPERIMENT = ("the DiADM experiment: three trainings and thousands of sampled images, about 45 CPU-minutes at "
+                    "the full size and minutes at the smoke size (tests/test_diadm.py trains, samples and resumes "
+                    "tiny models; docs/diadm.md's toy commands run here)")
 SKIPPED = {
     "make demo": "creates .venv and installs with pip (network); tests/test_audit.py runs a smaller audit",
     "diffprobe audit examples/audit-shapes.yaml --out runs/demo-audit": "the demo audit takes minutes; "
@@ -103,8 +103,9 @@ SKIPPED = {
     "--judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2-VL-7B-Instruct --out runs/sd21-mine":
     SD21,
     "diffprobe seeds show runs/sd21-mine/reliable_seeds.json": "reads the seeds file the SD 2.1 mining above writes",
-    "OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out results/diadm --train-size 1000 --test-size 500 "
-    "--steps 1200 --batch 32 --sampler-steps 20": DIADM_EXPERIMENT,
+    "OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out results/diadm": DIADM_EXPERIMENT,
+    "OMP_NUM_THREADS=1 python examples/diadm_cost.py --cache-dir /tmp/diadm-cost": "times training and sampling "
+    "at the experiment's model size: minutes on a CPU",
     "OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out /tmp/diadm-smoke --train-size 200 --test-size 100 "
     "--steps 30 --batch 16 --warmup 5 --checkpoint-every 10 --sampler-steps 5": DIADM_EXPERIMENT,
     "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "

@@ -1,0 +1,71 @@
+"""What the DiADM experiment's parts cost on this machine: CPU seconds (process time) and wall seconds per training
+step, per sampled image and per embedded image, at the experiment's model size. The process time is what one
+thread costs on an otherwise idle core; the wall time shows how busy the machine was.
+
+    OMP_NUM_THREADS=1 python examples/diadm_cost.py --cache-dir /tmp/diadm-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffprobe.diadm import DiadmOptions, load, train_diadm
+from diffprobe.diadm.data import dataset_folder, read_training_images
+from diffprobe.diadm.model import condition_vectors
+from diffprobe.diadm.sample import ddim_sample
+from diffprobe.diadm.train import image_features
+
+
+def clock() -> tuple[float, float]:
+    return time.process_time(), time.time()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache-dir", type=Path, required=True, help="data set folders and the feature cache")
+    ap.add_argument("--resolution", type=int, default=28)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--sampler-steps", type=int, default=20)
+    ap.add_argument("--cond-embedder", default="efficientnet-lite1@64")
+    ap.add_argument("--eval-embedder", default="efficientnet-lite0@64")
+    a = ap.parse_args()
+    out = Path(tempfile.mkdtemp())
+    result: dict = {"threads": torch.get_num_threads()}
+    spent = {}
+    for steps in (3, 23):  # the difference of two runs leaves out start-up and embedding
+        c0, w0 = clock()
+        options = DiadmOptions(cond="pseudocond", embedder=a.cond_embedder, resolution=a.resolution, channels=1,
+                               width=a.width, steps=steps, batch=a.batch, lr=1e-3, warmup=5, checkpoint_every=0,
+                               log_every=100)
+        train_diadm("fashion-mnist:train:200", out / f"m{steps}", options, device="cpu", cache_dir=a.cache_dir)
+        c1, w1 = clock()
+        spent[steps] = (c1 - c0, w1 - w0)
+    result["train_step_cpu_s"] = (spent[23][0] - spent[3][0]) / 20
+    result["train_step_wall_s"] = (spent[23][1] - spent[3][1]) / 20
+    model = load(out / "m23")
+    cond = condition_vectors("pseudocond", model.features, None, 0)[:100]
+    ddim_sample(model, list(range(10)), cond[:10], 2, torch.device("cpu"))  # warm-up
+    c0, w0 = clock()
+    ddim_sample(model, list(range(100)), cond, a.sampler_steps, torch.device("cpu"))
+    c1, w1 = clock()
+    result[f"sampled_image_{a.sampler_steps}_steps_cpu_s"] = (c1 - c0) / 100
+    result[f"sampled_image_{a.sampler_steps}_steps_wall_s"] = (w1 - w0) / 100
+    test = read_training_images(dataset_folder("fashion-mnist:test:300", a.cache_dir))
+    for name in (a.eval_embedder, a.cond_embedder):
+        c0, w0 = clock()
+        image_features(test.paths, test.shas, name, device="cpu", no_cache=True)
+        c1, w1 = clock()
+        result[f"embedded_image_{name}_cpu_s"] = (c1 - c0) / len(test)
+        result[f"embedded_image_{name}_wall_s"] = (w1 - w0) / len(test)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
