@@ -98,8 +98,14 @@ def train(a: argparse.Namespace, mode: str) -> None:
 
 def sample(a: argparse.Namespace, arm: str, test: Path) -> None:
     mode, held_out = ARMS[arm]
+    run = a.out / "runs" / arm
+    if (run / "run.sqlite").is_file():
+        with open_run(run) as store:
+            if len(store) == (a.test_size if held_out else a.train_size):
+                print(f"run {arm}: {run} is complete, kept")
+                return
     extra = ["--features-from", str(test)] if held_out else []
-    cli("sample", "diadm", str(a.out / "models" / mode), "--out", str(a.out / "runs" / arm), "--steps",
+    cli("sample", "diadm", str(a.out / "models" / mode), "--out", str(run), "--steps",
         str(a.sampler_steps), "--batch-size", str(a.sample_batch), "--device", a.device, "--cache-dir",
         str(a.out / "cache"), "-q", *extra)
 
