@@ -219,3 +219,38 @@ def test_nearest_distances_match_brute_force():
     s = distance_summary(np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), copy_quantile=0.5)
     assert s["median"] == 1.5 and s["median_over_reference"] == 0.5 and s["near_copy_threshold"] == 3.0
     assert s["near_copy_fraction"] == 0.75
+
+
+def write_idx(path, array):
+    """An IDX file as the MNIST distribution has them (gzipped, big-endian sizes, uint8 data)."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_a_dataset_name_is_written_once_as_a_class_folder(tmp_path, monkeypatch):
+    from diffprobe.diadm import data
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, size=(12, 28, 28)), np.arange(12) % 10
+    for im_file, lab_file in data.FASHION_FILES.values():
+        write_idx(tmp_path / im_file, images)
+        write_idx(tmp_path / lab_file, labels)
+    monkeypatch.setattr(data, "FASHION_MNIST", tmp_path)
+    found = read_training_images("fashion-mnist:train:5", cache_dir=tmp_path / "cache")
+    chosen = np.sort(np.random.default_rng(data.SUBSET_SEED).permutation(12)[:5])
+    assert len(found) == 5 and found.root.parent == tmp_path / "cache" / "datasets"
+    assert sorted(p.name for p in found.paths) == [f"train-{i:05d}.png" for i in chosen]
+    for path, label in zip(found.paths, found.labels, strict=True):
+        i = int(path.stem.split("-")[1])
+        assert found.classes[label] == f"{labels[i]}-{data.FASHION_CLASSES[labels[i]]}"
+        assert np.array_equal(np.asarray(Image.open(path)), images[i])
+    assert len(read_training_images("fashion-mnist:test", cache_dir=tmp_path / "cache")) == 12
+    for bad in ("fashion-mnist:val", "fashion-mnist:train:0", "fashion-mnist:train:x", "fashion-mnist:train:13"):
+        with pytest.raises(InputError, match="fashion-mnist"):
+            read_training_images(bad, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(data, "FASHION_MNIST", tmp_path / "absent")
+    with pytest.raises(InputError, match="apt-get install dataset-fashion-mnist"):
+        read_training_images("fashion-mnist:train:4", cache_dir=tmp_path / "cache")
