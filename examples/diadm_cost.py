@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffprobe.diadm import DiadmOptions, load, train_diadm
@@ -32,26 +33,29 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=28)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=30, help="training steps timed (the median step counts)")
     ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--cond-embedder", default="efficientnet-lite1@64")
     ap.add_argument("--eval-embedder", default="efficientnet-lite0@64")
     a = ap.parse_args()
     out = Path(tempfile.mkdtemp())
     result: dict = {"threads": torch.get_num_threads()}
-    train = read_training_images(dataset_folder("fashion-mnist:train:200", a.cache_dir))
-    image_features(train.paths, train.shas, a.cond_embedder, device="cpu", cache_dir=a.cache_dir)  # cached first
-    spent = {}
-    for steps in (3, 23):  # the difference of two runs leaves out start-up and (cached) embedding
-        c0, w0 = clock()
-        options = DiadmOptions(cond="pseudocond", embedder=a.cond_embedder, resolution=a.resolution, channels=1,
-                               width=a.width, steps=steps, batch=a.batch, lr=1e-3, warmup=5, checkpoint_every=0,
-                               log_every=100)
-        train_diadm("fashion-mnist:train:200", out / f"m{steps}", options, device="cpu", cache_dir=a.cache_dir)
-        c1, w1 = clock()
-        spent[steps] = (c1 - c0, w1 - w0)
-    result["train_step_cpu_s"] = (spent[23][0] - spent[3][0]) / 20
-    result["train_step_wall_s"] = (spent[23][1] - spent[3][1]) / 20
-    model = load(out / "m23")
+    marks: list[tuple[float, float]] = []
+
+    def mark(step: int) -> bool:  # the training core asks after every optimisation step
+        marks.append(clock())
+        return False
+
+    options = DiadmOptions(cond="pseudocond", embedder=a.cond_embedder, resolution=a.resolution, channels=1,
+                           width=a.width, steps=a.steps, batch=a.batch, lr=1e-3, warmup=5, checkpoint_every=0,
+                           log_every=100)
+    train_diadm("fashion-mnist:train:200", out / "model", options, device="cpu", cache_dir=a.cache_dir, stop=mark)
+    later = marks[4:]  # the first steps warm kernels up
+    for i, kind in enumerate(("cpu", "wall")):
+        per_step = np.diff([m[i] for m in later])
+        result[f"train_step_{kind}_s"] = float(np.median(per_step))
+        result[f"train_step_{kind}_s_quartiles"] = [float(q) for q in np.quantile(per_step, [0.25, 0.75])]
+    model = load(out / "model")
     cond = condition_vectors("pseudocond", model.features, None, 0)[:100]
     ddim_sample(model, list(range(10)), cond[:10], 2, torch.device("cpu"))  # warm-up
     c0, w0 = clock()

@@ -117,7 +117,8 @@ def score(a: argparse.Namespace, name: str, images: Path, train_dir: Path, test:
         cli("score", "irs", str(images), "--train", str(train_dir), "--test", str(test), *common,
             "--out", str(scores / f"{name}-irs.json"))
     if not (scores / f"{name}-fd.json").is_file():
-        cli("score", "fd", str(images), "--ref", str(test), *common, "--out", str(scores / f"{name}-fd.json"))
+        cli("score", "fd", str(images), "--ref", str(test), *common, "--kid-subsets", str(a.kid_subsets),
+            "--out", str(scores / f"{name}-fd.json"))
 
 
 def pixels(paths: list[Path]) -> np.ndarray:
@@ -294,7 +295,7 @@ def main() -> None:
     ap.add_argument("--test-size", type=int, default=1000, help="real test images (seeded subset of t10k)")
     ap.add_argument("--resolution", type=int, default=28, help="model size in pixels (Fashion-MNIST is 28)")
     ap.add_argument("--width", type=int, default=16, help="UNet channels of the first level")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -302,6 +303,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--sample-batch", type=int, default=100)
+    ap.add_argument("--kid-subsets", type=int, default=20, help="KID subsets per score (100 cost 40 CPU-s each)")
     ap.add_argument("--cond-embedder", default="efficientnet-lite1@64",
                     help="features of the pseudo-labels (not the evaluation's network, as the paper conditions on "
                          "Inception and evaluates with SwAV)")
