@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--cond-embedder", default="efficientnet-lite1@64")
     ap.add_argument("--eval-embedder", default="efficientnet-lite0@64")
+    ap.add_argument("--kid-subsets", type=int, default=20)
     a = ap.parse_args()
     out = Path(tempfile.mkdtemp())
     result: dict = {"threads": torch.get_num_threads()}
@@ -70,6 +71,14 @@ def main() -> None:
         c1, w1 = clock()
         result[f"embedded_image_{name}_cpu_s"] = (c1 - c0) / len(test)
         result[f"embedded_image_{name}_wall_s"] = (w1 - w0) / len(test)
+    from diffprobe.metrics.fd import kid
+
+    rng = np.random.default_rng(0)  # KID's cost depends on the sizes only
+    c0, w0 = clock()
+    kid(rng.random((2000, 1280)), rng.random((1000, 1280)), subsets=a.kid_subsets, subset_size=1000)
+    c1, w1 = clock()
+    result[f"kid_{a.kid_subsets}_subsets_of_1000_cpu_s"] = c1 - c0
+    result[f"kid_{a.kid_subsets}_subsets_of_1000_wall_s"] = w1 - w0
     print(json.dumps(result, indent=1))
 
 
