@@ -107,7 +107,7 @@ SKIPPED = {
     "OMP_NUM_THREADS=1 python examples/diadm_cost.py --cache-dir /tmp/diadm-cost": "times training and sampling "
     "at the experiment's model size: minutes on a CPU",
     "OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out /tmp/diadm-smoke --train-size 200 --test-size 100 "
-    "--steps 30 --batch 16 --warmup 5 --checkpoint-every 10 --sampler-steps 5": DIADM_EXPERIMENT,
+    "--steps 30 --batch 16 --warmup 5 --checkpoint-every 10 --sampler-steps 5 --kid-subsets 100": DIADM_EXPERIMENT,
     "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
     "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds reliable:runs/sd21-mine/reliable_seeds.json "
     "--dtype fp16 --generator-device cuda --out runs/sd21-eval-reliable": SD21,
