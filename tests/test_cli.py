@@ -235,7 +235,8 @@ def test_cli_lists_the_commands_that_exist():
     from diffprobe.cli import COMMANDS, app
 
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    assert names == {"generate", "export", "doctor", "score", "compare", "judge", "seeds", "audit", "report"}
+    assert names == {"generate", "export", "doctor", "score", "compare", "judge", "seeds", "audit", "report", "train",
+                     "sample"}
     assert all(callable(module.register) for module in COMMANDS)
 
 

@@ -35,6 +35,9 @@ SEEDS_EXPERIMENT = ("the whole reliable-seeds experiment: about 40 processes and
 PARTIAL_EXPERIMENT = ("the partial-captions experiment: two continuations of the shipped model and about 40 "
                       "audit arms, CPU-hours at the full size and minutes even at the smoke size (tests/"
                       "test_partial_captions.py tests the option, the trainer's resume and the decision rule)")
+DIADM_EXPERIMENT = ("the DiADM experiment: three trainings and thousands of sampled images, about 45 CPU-minutes at "
+                    "the full size and minutes at the smoke size (tests/test_diadm.py trains, samples and resumes "
+                    "tiny models; docs/diadm.md's toy commands run here)")
 SKIPPED = {
     "python examples/partial_captions.py --out results/partial_captions --fractions 0.5 --steps 1700":
     PARTIAL_EXPERIMENT,
@@ -109,6 +112,11 @@ SKIPPED = {
     "--judge vlm --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2-VL-7B-Instruct --out runs/sd21-mine":
     SD21,
     "diffprobe seeds show runs/sd21-mine/reliable_seeds.json": "reads the seeds file the SD 2.1 mining above writes",
+    "OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out results/diadm": DIADM_EXPERIMENT,
+    "OMP_NUM_THREADS=1 python examples/diadm_cost.py --cache-dir /tmp/diadm-cost": "times training and sampling "
+    "at the experiment's model size: minutes on a CPU",
+    "OMP_NUM_THREADS=1 python examples/diadm_fashion_mnist.py --out /tmp/diadm-smoke --train-size 200 --test-size 100 "
+    "--steps 30 --batch 16 --warmup 5 --checkpoint-every 10 --sampler-steps 5 --kid-subsets 100": DIADM_EXPERIMENT,
     "diffprobe generate --model stabilityai/stable-diffusion-2-1 --prompts "
     "comp90-numerical-eval:Reliable-Random-Seeds/prompt_dataset --seeds reliable:runs/sd21-mine/reliable_seeds.json "
     "--dtype fp16 --generator-device cuda --out runs/sd21-eval-reliable": SD21,

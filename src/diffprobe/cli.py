@@ -7,7 +7,7 @@ import functools
 import typer
 from typer.core import TyperGroup
 
-from .commands import audit, compare, doctor, export, generate, judge, report, score, seeds
+from .commands import audit, compare, doctor, export, generate, judge, report, sample, score, seeds, train
 from .errors import InputError, exit_on_user_error
 
 
@@ -51,7 +51,7 @@ def options(
 
 
 # Every command, explicitly: a new command module defines ``register(app)`` and is added here.
-COMMANDS = (generate, judge, export, doctor, score, compare, seeds, audit, report)
+COMMANDS = (generate, judge, export, doctor, score, compare, seeds, audit, report, train, sample)
 for _command in COMMANDS:
     _command.register(app)
 
