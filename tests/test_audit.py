@@ -47,8 +47,8 @@ def test_arms_expand_lists_one_arm_per_value(tmp_path):
 @pytest.mark.parametrize(("text", "expected"), [
     ("models: [shapes]\nprompts: shapes-eval\nguidance:\n  - {name: cfg}\nmeasurez: {}\n",
      ["measurez (line 5)", "allowed: name, models, prompts"]),
-    ("models:\n  - name: shapes\n    lora: x.safetensors\nprompts: shapes-eval\nguidance: [{name: cfg}]\n",
-     ["models.0.lora (line 3)", "allowed: name, label, family, dtype, device"]),
+    ("models:\n  - name: shapes\n    loras: x.safetensors\nprompts: shapes-eval\nguidance: [{name: cfg}]\n",
+     ["models.0.loras (line 3)", "allowed: name, label, family, dtype, device, lora"]),
     ("models: [shapes]\nprompts: shapes-eval\nguidance: [{name: cfg}]\nmeasures:\n  composition: {judge: 3, x: 1}\n",
      ["measures.composition", "line 5"]),
     ("models: [shapes]\nprompts: shapes-eval\nguidance: []\n", ["guidance (line 3)", "at least 1"]),

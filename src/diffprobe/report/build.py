@@ -110,19 +110,29 @@ def _verdict(info) -> tuple[str, str]:
 
 
 def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[list[dict[str, Any]], str]:
+    """Per shown prompt, a row per arm of its images side by side. Column i holds each arm's image of the prompt's
+    i-th seed: the same seed across arms that share a seed set (the column says which), else each arm's own (the
+    cell says which), as the paired tests line them up."""
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
     prompts = list(dict.fromkeys([p for a in report.arms for p in a.prompts]))
-    seeds = list(dict.fromkeys([s for a in report.arms for s in a.seeds]))
-    shown_prompts, shown_seeds = spread(prompts, max_prompts), spread(seeds, max_seeds)
+    width = max((len(seeds) for a in report.arms for seeds in a.seed_lists.values()), default=0)
+    shown_prompts, shown_columns = spread(prompts, max_prompts), spread(list(range(width)), max_seeds)
     shares = {arm.label: scs_contributions(arm, shown_prompts) for arm in report.arms}
-    out_grids = []
+    out_grids, mixed = [], False
     for prompt in shown_prompts:
+        lists = {arm.label: arm.seed_lists.get(prompt, []) for arm in report.arms}
+        columns = []
+        for i in shown_columns:
+            seeds = {lst[i] for lst in lists.values() if i < len(lst)}
+            columns.append(f"seed {next(iter(seeds))}" if len(seeds) == 1 else f"image {i + 1}")
+            mixed = mixed or len(seeds) > 1
         rows = []
         for arm in report.arms:
             cells = []
-            for seed in shown_seeds:
-                info = arm.images.get((prompt, seed))
+            for i, column in zip(shown_columns, columns, strict=True):
+                seed = lists[arm.label][i] if i < len(lists[arm.label]) else None
+                info = None if seed is None else arm.images.get((prompt, seed))
                 if info is None:
                     cells.append({"seed": seed, "missing": True})
                     continue
@@ -130,14 +140,18 @@ def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[
                 src = thumbnail(info.path, info.sha256, thumbs)
                 share = shares[arm.label].get((prompt, seed))
                 cells.append({"seed": seed, "src": src, "mark": mark, "caption": caption, "missing": src is None,
+                              "own_seed": "" if column.startswith("seed ") else f"seed {seed}",
                               "scs": "" if share is None else f"SCS share {share:.1f}"})
             rows.append({"label": arm.label, "cells": cells})
         out_grids.append({"prompt": prompt, "anchor": _anchor(prompt), "long": len(prompt) > LONG_TEXT,
-                          "short": prompt[:LONG_TEXT], "rows": rows})
+                          "short": prompt[:LONG_TEXT], "columns": columns, "rows": rows})
     note = (f"Showing {len(shown_prompts)} of {len(prompts)} prompts (evenly spaced in run order) and "
-            f"{len(shown_seeds)} of {len(seeds)} seeds per prompt, for every arm."
-            if len(shown_prompts) < len(prompts) or len(shown_seeds) < len(seeds)
-            else f"All {len(prompts)} prompts and {len(seeds)} seeds.")
+            f"{len(shown_columns)} of {width} seeds per prompt, for every arm."
+            if len(shown_prompts) < len(prompts) or len(shown_columns) < width
+            else f"All {len(prompts)} prompts and {width} seeds per prompt.")
+    if mixed:
+        note += (" Arms with different seed sets are lined up by image index (image i: each arm's i-th seed of the "
+                 "prompt, named under the image), as the paired tests pair them.")
     return out_grids, note
 
 
@@ -272,6 +286,10 @@ def figures(report: Report, arm_measures: dict[str, dict[str, Any]], out: Path) 
             add(plots.dose_response(sweep["param"], series, baseline, folder / f"sweep_{i}.png", sweep["title"]),
                 f"Dose-response: {sweep['title']}",
                 f"Each measure against {sweep['param']}, with intervals; the dashed line is the baseline.")
+    for source, labels in _seed_sources(report):
+        add(_reliability(report, source, labels, folder), f"Seed reliability: {Path(source['file']).name}",
+            "Accuracy of each mined seed per category in the reliable seeds file (red frames: the top seeds each "
+            f"prompt draws from), used by {', '.join(labels)}.")
     for arm in report.arms:
         record = next((info.records for info in arm.images.values() if info.records.get("steps")), None)
         if record:
@@ -280,6 +298,34 @@ def figures(report: Report, arm_measures: dict[str, dict[str, Any]], out: Path) 
             add(plots.guidance_curves(record, file), f"Guidance record: {arm.label}",
                 f"Per-step record of one image (prompt {info.prompt[:80]!r}, seed {info.seed}).")
     return figs
+
+
+def _seed_sources(report: Report) -> list[tuple[dict[str, Any], list[str]]]:
+    """Each reliable seeds file (by path and hash) with the labels of the arms whose seeds were drawn from it."""
+    found: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
+    for arm in report.arms:
+        if (source := arm.seed_source) is not None:
+            found.setdefault((source["file"], source["sha256"]), (source, []))[1].append(arm.label)
+    return list(found.values())
+
+
+def _reliability(report: Report, source: dict[str, Any], labels: list[str], folder: Path) -> Path | None:
+    """The seed x category heatmap of the reliable seeds file the arms used (``seeds show``'s), or a note when the
+    file is gone or has changed since."""
+    from ..sampling.latents import file_sha256
+    from ..seeds.file import read_reliable
+    from ..seeds.show import heatmap
+
+    path = Path(source["file"])
+    try:
+        reliable = read_reliable(path)
+    except InputError as err:
+        report.notes.append(f"seed reliability heatmap of {', '.join(labels)} not shown: {err}")
+        return None
+    if file_sha256(reliable.path) != source["sha256"]:
+        report.notes.append(f"the reliable seeds file {path} has changed since {', '.join(labels)} drew seeds from "
+                            "it; its heatmap shows the file as it is now")
+    return heatmap(reliable, folder / f"reliability_{source['sha256'][:12]}.png")
 
 
 def _headline(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
