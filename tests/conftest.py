@@ -38,3 +38,12 @@ def tiny_sd(tiny_sd_path):
     from diffprobe.models import load_model
 
     return load_model(str(tiny_sd_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_reliable(tmp_path_factory):
+    """A reliable seeds file mined by ``diffprobe seeds mine`` on the shapes model (2 steps), from train prompts
+    of the categories of ``report_helpers.RELIABLE_EVAL`` (count 3, relation left_of): (file, eval prompts file)."""
+    from report_helpers import mine_tiny
+
+    return mine_tiny(tmp_path_factory.mktemp("reliable"))

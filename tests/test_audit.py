@@ -248,3 +248,159 @@ def test_fd_against_a_reference_is_the_quality_column(tmp_path):
     html = result.index.read_text(encoding="utf-8")
     assert "FD (not FID)" in html
     assert values["cfg"] != values["strong"]
+
+
+# --- seed sets: a grid against mined reliable seeds -------------------------------------------------------------
+
+
+SEED_SETS = ("models: [shapes]\nprompts: shapes-eval\nguidance: [{name: cfg}, {name: scfg, scale: [2, 4]}]\n"
+             "seeds:\n  - {label: grid, seeds: 0-3}\n  - label: mined\n    seeds: reliable:mined.json:2\n"
+             "    use_stored_latents: true\n")
+
+
+def test_seed_sets_multiply_the_arms(tmp_path):
+    from diffprobe.audit import expand, load_config
+
+    config, _ = load_config(write_config(tmp_path, SEED_SETS))
+    sets = config.seed_sets()
+    assert [(s.name, s.reliable, s.use_stored_latents) for s in sets] == [("grid", False, False),
+                                                                           ("mined", True, True)]
+    assert sets[1].spec_value() == {"reliable": "mined.json:2", "stored_latents": True}
+    arms = expand(config)
+    assert [a[0] for a in arms] == ["cfg seeds=grid", "cfg seeds=mined", "scfg seeds=grid scale=2",
+                                    "scfg seeds=grid scale=4", "scfg seeds=mined scale=2", "scfg seeds=mined scale=4"]
+    assert [a[3]["group"] for a in arms[2:]] == ["0:1:0", "0:1:0", "0:1:1", "0:1:1"]  # one sweep per seed set
+    plain, _ = load_config(write_config(tmp_path, TINY_AUDIT))
+    assert [(s.name, s.seeds) for s in plain.seed_sets()] == [("0-1", "0-1")]  # the plain form: one set
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("    use_stored_latents: true\n", "    use_stored_latent: true\n",
+     ["seeds.1.use_stored_latent (line 8)", "unknown field; allowed: label, seeds, use_stored_latents, reliable_rng"]),
+    ("{label: grid, seeds: 0-3}", "{label: grid, seeds: 0-3, use_stored_latents: true}",
+     ["seeds.0 (line 5)", "use_stored_latents needs seeds: reliable:FILE[:K]"]),
+    ("{label: grid, seeds: 0-3}", "{label: grid, seeds: 3-0}", ["seeds.0.seeds (line 5)", "bad seed range '3-0'"]),
+    ("{label: grid, seeds: 0-3}", "{label: mined, seeds: 0-3}", ["seeds (line 5)", "seed sets 'mined' appear more"]),
+    ("seeds:\n  - {label: grid, seeds: 0-3}\n  - label: mined\n    seeds: reliable:mined.json:2\n"
+     "    use_stored_latents: true\n", "seeds: 0-x\n", ["seeds (line 4)", "bad seed '0-x'"]),
+])
+def test_bad_seed_sets_name_the_field(tmp_path, old, new, expected):
+    from diffprobe.audit import load_config
+
+    assert old in SEED_SETS
+    with pytest.raises(InputError) as err:
+        load_config(write_config(tmp_path, SEED_SETS.replace(old, new)))
+    for part in expected:
+        assert part in str(err.value), str(err.value)
+
+
+def test_a_missing_reliable_file_names_the_seed_set(tmp_path):
+    from diffprobe.audit import load_config, plan_arms
+
+    path = write_config(tmp_path, SEED_SETS)
+    config, _ = load_config(path)
+    with pytest.raises(InputError, match=r"seed set 'mined' \(reliable:mined.json:2\): .*mined.json does not exist; "
+                                         "make it with 'diffprobe seeds mine'"):
+        plan_arms(config, path, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def mined_audit(tiny_reliable, tmp_path_factory):
+    from report_helpers import RELIABLE_AUDIT
+
+    from diffprobe.audit import run_audit
+
+    file, prompts = tiny_reliable
+    folder = tmp_path_factory.mktemp("mined")
+    config = folder / "audit.yaml"
+    config.write_text(RELIABLE_AUDIT.format(prompts=prompts, file=file), encoding="utf-8")
+    return file, prompts, run_audit(config, folder / "out", progress=False)
+
+
+def _images(run: Path) -> dict[tuple[str, int], np.ndarray]:
+    from diffprobe.store import open_run
+
+    with open_run(run) as store:
+        return {(s.prompt, s.seed): np.asarray(s.image()) for s in store.samples()}
+
+
+def test_a_mined_arm_makes_the_images_of_generate_with_reliable_seeds(mined_audit, tmp_path):
+    from diffprobe.cli import app
+
+    file, prompts, result = mined_audit
+    arm = next(a for a in result.summary["arms"] if a["seed_set"] == "mined")
+    res = CliRunner().invoke(app, ["generate", "--model", "shapes", "--prompts", str(prompts), "--seeds",
+                                   f"reliable:{file}:2", "--steps", "2", "--scale", "3.5", "-q", "--out",
+                                   str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    ours, theirs = _images(result.audit_dir / arm["run_dir"]), _images(tmp_path / "run")
+    assert len(ours) == 4 and ours.keys() == theirs.keys()  # 2 prompts x K=2 seeds of each prompt's category
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    reliable = json.loads(file.read_text())
+    for prompt, seed in ours:  # each seed is a top seed of its prompt's category
+        assert any(seed in c["top"] for c in reliable["categories"].values())
+
+
+def test_mined_arms_pair_with_the_grid_by_image_index(mined_audit):
+    from diffprobe.metrics.stats import compare_scores, mcnemar
+    from diffprobe.sampling.latents import file_sha256
+    from diffprobe.store import open_run
+
+    file, _, result = mined_audit
+    summary = result.summary
+    assert [a["label"] for a in summary["arms"]] == ["cfg seeds=grid", "cfg seeds=mined"]
+    runs = {a["seed_set"]: result.audit_dir / a["run_dir"] for a in summary["arms"]}
+    order = {}
+    for name, run in runs.items():
+        with open_run(run) as store:
+            order[name] = _seed_order(store.spec)
+    assert all(order["grid"][p] == [0, 1] for p in order["grid"])
+    assert any(order["mined"][p] != [0, 1] for p in order["mined"])  # the mined seeds differ from the grid's
+    verdicts = {name: _verdicts(run) for name, run in runs.items()}
+    x, y = [], []
+    for prompt, seeds in order["grid"].items():
+        for i, seed in enumerate(seeds):
+            a, b = verdicts["grid"].get((prompt, seed)), verdicts["mined"].get((prompt, order["mined"][prompt][i]))
+            if a is not None and b is not None:
+                x.append(a)
+                y.append(b)
+    got = summary["comparisons"]["cfg seeds=mined"]["composition"]
+    direct = mcnemar(x, y)
+    assert got["n_pairs"] == len(x) == 4
+    assert got["p"] == pytest.approx(direct["p"])
+    assert (got["detail"]["b_only_correct"], got["detail"]["a_only_correct"]) == (direct["b_only_correct"],
+                                                                                  direct["a_only_correct"])
+    assert got["difference"] == pytest.approx(np.mean(np.asarray(y, float) - np.asarray(x, float)))
+    assert got["pairing"] == "same prompt and image index"
+    scs = {name: {r["prompt"]: r["scs"] for r in json.loads((run / "scores" / "scs.json").read_text())["per_prompt"]}
+           for name, run in runs.items()}
+    assert summary["comparisons"]["cfg seeds=mined"]["scs"]["p"] == pytest.approx(
+        compare_scores(scs["grid"], scs["mined"], n_boot=10000)["wilcoxon"]["p"])
+    sets = {s["label"]: s for s in summary["seed_sets"]}
+    assert sets["grid"]["kind"] == "grid" and sets["grid"]["seeds_used"] == [0, 1]
+    assert sets["mined"]["kind"] == "reliable" and sets["mined"]["source"]["k"] == 2
+    assert sets["mined"]["source"]["sha256"] == file_sha256(file)
+    assert sets["mined"]["per_prompt"] == order["mined"]
+
+
+def _seed_order(spec) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for prompt, seed in spec.pairs():
+        out.setdefault(prompt, []).append(seed)
+    return out
+
+
+def test_the_report_shows_the_seed_reliability_heatmap(mined_audit, tmp_path):
+    from diffprobe.report import build_report
+
+    _, _, result = mined_audit
+    page = result.index.read_text(encoding="utf-8")
+    heatmaps = list((result.index.parent / "plots").glob("reliability_*.png"))
+    assert len(heatmaps) == 1 and f'src="plots/{heatmaps[0].name}"' in page
+    assert "Seed reliability: reliable_seeds.json" in page and "used by cfg seeds=mined." in page
+    assert "image 1" in page and "lined up by image index" in page  # the grid says how arms are lined up
+    # a single run generated with reliable seeds: its report shows the heatmap too
+    arm = next(a for a in result.summary["arms"] if a["seed_set"] == "mined")
+    index = build_report(result.audit_dir / arm["run_dir"], tmp_path / "single")
+    assert list((index.parent / "plots").glob("reliability_*.png"))
+    assert "Seed reliability" in index.read_text(encoding="utf-8")

@@ -267,8 +267,10 @@ def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
 
 
 def _describe(err: ValidationError, root: Any) -> str:
-    # Of a union's alternatives, the error that got furthest into the value says most (``models.0.lora``).
-    first = max(err.errors(), key=lambda e: len(_field_path(e["loc"])))
+    # Of a union's alternatives, the error that got furthest into the value says most (``models.0.lora``); at equal
+    # depth, a check of the value's content over "not an integer", and a mapping's alternative over a scalar's.
+    first = max(err.errors(), key=lambda e: (len(_field_path(e["loc"])), not e["type"].endswith("_type"),
+                                             any(isinstance(p, str) and p != p.lower() for p in e["loc"])))
     loc = _field_path(first["loc"])
     where = ".".join(str(p) for p in loc) or "top level"
     line = _line_of(root, loc)
