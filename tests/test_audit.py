@@ -336,9 +336,12 @@ def test_a_mined_arm_makes_the_images_of_generate_with_reliable_seeds(mined_audi
     ours, theirs = _images(result.audit_dir / arm["run_dir"]), _images(tmp_path / "run")
     assert len(ours) == 4 and ours.keys() == theirs.keys()  # 2 prompts x K=2 seeds of each prompt's category
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
-    reliable = json.loads(file.read_text())
-    for prompt, seed in ours:  # each seed is a top seed of its prompt's category
-        assert any(seed in c["top"] for c in reliable["categories"].values())
+    from diffprobe.prompts import load_prompts
+    from diffprobe.seeds.reliable import prompt_category
+
+    top = {name: c["top"] for name, c in json.loads(file.read_text())["categories"].items()}
+    category = {p.text: prompt_category(p) for p in load_prompts(str(prompts))}
+    assert all(seed in top[category[prompt]] for prompt, seed in ours)  # each a top seed of its prompt's category
 
 
 def test_mined_arms_pair_with_the_grid_by_image_index(mined_audit):
@@ -404,3 +407,101 @@ def test_the_report_shows_the_seed_reliability_heatmap(mined_audit, tmp_path):
     index = build_report(result.audit_dir / arm["run_dir"], tmp_path / "single")
     assert list((index.parent / "plots").glob("reliability_*.png"))
     assert "Seed reliability" in index.read_text(encoding="utf-8")
+
+
+# --- LoRA arms --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_sd_path, tmp_path_factory):
+    """A LoRA for the tiny SD model, trained 3 steps by ``seeds finetune --lora`` (as in test_lora)."""
+    from test_finetune import write_data
+
+    from diffprobe.finetune import FinetuneOptions, finetune
+
+    root = tmp_path_factory.mktemp("lora")
+    finetune(write_data(root / "data"), str(tiny_sd_path), root / "adapter",
+             FinetuneOptions(batch=2, accumulation=1, steps=3, lr=5e-2, log_every=1, checkpoint_every=0, lora_rank=4,
+                             ema_decay=None), device="cpu")
+    return root / "adapter"
+
+
+def test_lora_arms_change_the_images_and_share_their_model(tiny_sd_path, tiny_lora, tmp_path, monkeypatch):
+    import diffprobe.models
+    from diffprobe.audit import run_audit
+
+    loads = []
+    real = diffprobe.models.load_model
+
+    def counting(name, **kwargs):
+        loads.append((name, tuple(x.source for x in kwargs.get("lora") or ())))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(diffprobe.models, "load_model", counting)
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "mine").symlink_to(tiny_lora, target_is_directory=True)
+    text = (f"models:\n  - {{name: {tiny_sd_path}, label: base, device: cpu}}\n"
+            f"  - {{name: {tiny_sd_path}, label: lora, device: cpu, lora: [adapters/mine]}}\n"
+            "prompts: [two red bars]\nseeds: 0-1\nsampler: {steps: 2}\n"
+            "guidance: [{name: cfg, scale: 3.5}, {name: cfg, label: strong, scale: 6}]\n"
+            "measures: {scs: false, composition: false}\n")
+    result = run_audit(write_config(tmp_path, text), tmp_path / "out", progress=False)
+    arms = {a["label"]: result.audit_dir / a["run_dir"] for a in result.summary["arms"]}
+    assert list(arms) == ["base / cfg", "base / strong", "lora / cfg", "lora / strong"]
+    resolved = str((tmp_path / "adapters" / "mine").resolve())
+    assert loads == [(str(tiny_sd_path), ()), (str(tiny_sd_path), (resolved,))]  # two models for four arms
+    images = {label: _images(run) for label, run in arms.items()}
+    for guidance in ("cfg", "strong"):
+        base, lora = images[f"base / {guidance}"], images[f"lora / {guidance}"]
+        assert base.keys() == lora.keys() and len(base) == 2
+        assert all(not np.array_equal(base[k], lora[k]) for k in base)  # the adapter changes every image
+    identity = next(a for a in result.summary["arms"] if a["label"] == "lora / cfg")["model_identity"]
+    assert [(x["scale"], x["source"]) for x in identity["lora"]] == [(1.0, resolved)]
+    assert "lora" not in next(a for a in result.summary["arms"] if a["label"] == "base / cfg")["model_identity"]
+    page = result.index.read_text(encoding="utf-8")
+    assert identity["lora"][0]["sha256"] in page  # the adapter's identity in the report's provenance
+
+
+class _Recorded:
+    """A step of the progress view that also records its stage, title, total and the images counted."""
+
+    def __init__(self, inner, record: list):
+        self.inner, self.record = inner, record
+
+    def __enter__(self):
+        advance = self.inner.__enter__()
+
+        def count(n: int) -> None:
+            self.record[3] += n
+            advance(n)
+
+        return count
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+
+def test_one_progress_view_counts_every_stage(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from diffprobe.audit import run_audit
+    from diffprobe.console import StageProgress
+
+    steps, real = [], StageProgress.step
+
+    def recording(self, stage, what, total):
+        steps.append([stage, what, total, 0])
+        return _Recorded(real(self, stage, what, total), steps[-1])
+
+    monkeypatch.setattr(StageProgress, "step", recording)
+    text = TINY_AUDIT.replace("  - {name: scfg, scale: [2, 4]}\n", "")
+    out = io.StringIO()
+    run_audit(write_config(tmp_path, text), tmp_path / "out", console=Console(file=out, width=200), report=False)
+    assert steps == [["generate", "[1/1] cfg", 8, 8], ["embed", "[1/1] scs: cfg", 8, 8],
+                     ["judge", "[1/1] composition: cfg", 8, 6],  # the hostile prompt (2 images) has no question
+                     ["score", "paired comparisons and the summary", 1, 0]]
+    log = out.getvalue()
+    assert "generating" not in log and "judging" not in log  # no bar of an inner command
+    assert "audit" in log and "4/4" in log

@@ -223,8 +223,19 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
                 cell["p"] = f"p={_p(c.get('p'))}, Holm {_p(c.get('p_holm'))}"
             cells.append(cell)
         rows.append({"label": arm.label, "baseline": arm.label == report.baseline, "n_images": arm.n_images,
-                     "guidance": _describe_guidance(arm.guidance), "cells": cells})
+                     "guidance": _describe_guidance(arm.guidance), "seeds": describe_seeds(arm), "cells": cells})
     return {"columns": [{"id": c, "title": t} for c, t, _ in columns], "rows": rows}
+
+
+def describe_seeds(arm: Arm) -> str:
+    """``0-3``, ``1, 5, 9`` or ``mined (reliable_seeds.json), 2 per prompt``."""
+    if (source := arm.seed_source) is not None:
+        latents = ", stored latents" if source.get("stored_latents") else ""
+        return f"mined ({Path(source['file']).name}), {source.get('k', 1)} per prompt{latents}"
+    seeds = arm.seeds
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds[:6])) + (f", … ({len(seeds)})" if len(seeds) > 6 else "")
 
 
 def _describe_guidance(guidance: dict[str, Any]) -> str:
@@ -347,7 +358,8 @@ def provenance(report: Report) -> list[dict[str, Any]]:
     for arm in report.arms:
         rows.append({"label": arm.label, "run": str(arm.run_dir),
                      "entries": [("model", arm.model), ("sampler", arm.sampler), ("guidance", arm.guidance),
-                               ("library versions", arm.versions), *identities(arm).items()]})
+                                 *([("mined seeds", arm.seed_source)] if arm.seed_source else []),
+                                 ("library versions", arm.versions), *identities(arm).items()]})
     return rows
 
 
