@@ -267,11 +267,15 @@ def test_seed_sets_multiply_the_arms(tmp_path):
                                                                            ("mined", True, True)]
     assert sets[1].spec_value() == {"reliable": "mined.json:2", "stored_latents": True}
     arms = expand(config)
-    assert [a[0] for a in arms] == ["cfg seeds=grid", "cfg seeds=mined", "scfg seeds=grid scale=2",
-                                    "scfg seeds=grid scale=4", "scfg seeds=mined scale=2", "scfg seeds=mined scale=4"]
+    assert [a[0] for a in arms] == ["cfg", "cfg seeds=mined", "scfg scale=2", "scfg scale=4",
+                                    "scfg seeds=mined scale=2", "scfg seeds=mined scale=4"]
     assert [a[3]["group"] for a in arms[2:]] == ["0:1:0", "0:1:0", "0:1:1", "0:1:1"]  # one sweep per seed set
     plain, _ = load_config(write_config(tmp_path, TINY_AUDIT))
     assert [(s.name, s.seeds) for s in plain.seed_sets()] == [("0-1", "0-1")]  # the plain form: one set
+    only, _ = load_config(write_config(tmp_path, SEED_SETS.replace("{name: cfg}", "{name: cfg, seeds: [mined]}")
+                                       .replace("scale: [2, 4]}", "scale: [2, 4], seeds: [grid]}")))
+    assert [a[0] for a in expand(only)] == ["cfg seeds=mined", "scfg scale=2", "scfg scale=4"]
+    assert "seeds" not in expand(only)[0][2]["params"]  # not a guider parameter
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
@@ -281,6 +285,8 @@ def test_seed_sets_multiply_the_arms(tmp_path):
      ["seeds.0 (line 5)", "use_stored_latents needs seeds: reliable:FILE[:K]"]),
     ("{label: grid, seeds: 0-3}", "{label: grid, seeds: 3-0}", ["seeds.0.seeds (line 5)", "bad seed range '3-0'"]),
     ("{label: grid, seeds: 0-3}", "{label: mined, seeds: 0-3}", ["seeds (line 5)", "seed sets 'mined' appear more"]),
+    ("{name: cfg}", "{name: cfg, seeds: [grid, mind]}",
+     ["guidance.0.seeds: no seed set 'mind'; seed sets: 'grid', 'mined'"]),
     ("seeds:\n  - {label: grid, seeds: 0-3}\n  - label: mined\n    seeds: reliable:mined.json:2\n"
      "    use_stored_latents: true\n", "seeds: 0-x\n", ["seeds (line 4)", "bad seed '0-x'"]),
 ])
@@ -317,6 +323,31 @@ def mined_audit(tiny_reliable, tmp_path_factory):
     return file, prompts, run_audit(config, folder / "out", progress=False)
 
 
+def test_mined_arms_hold_the_prompts_of_mined_categories(tiny_reliable, tmp_path):
+    from report_helpers import RELIABLE_AUDIT, write_jsonl
+
+    from diffprobe.audit import dry_run, load_config, plan_arms
+    from diffprobe.prompts import load_prompts
+
+    file, prompts = tiny_reliable
+    mined = load_prompts(str(prompts))
+    others = [next(p for p in load_prompts("shapes-eval") if p.meta["category"] == c) for c in ("binding", "count")]
+    assert others[1].meta["question"]["count"] != 3  # a count that was not mined
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*others, *mined])
+    path = tmp_path / "audit.yaml"
+    path.write_text(RELIABLE_AUDIT.format(prompts=mixed, file=file), encoding="utf-8")
+    notes = []
+    arms, all_prompts, _ = plan_arms(load_config(path)[0], path, tmp_path / "out", notes)
+    assert len(all_prompts) == 4 and arms[0].spec.prompts == [p.text for p in all_prompts]
+    assert arms[1].spec.prompts == [p.text for p in mined]
+    assert notes == [f"seeds 'mined': its arms hold the 2 of 4 prompts whose count or relation category "
+                     f"{file.name} has mined; their comparisons pair on those prompts, and their accuracy 'all' is "
+                     "over those prompts only"]
+    lines = dry_run(path, tmp_path / "out", console=None, timing=False)
+    assert lines[0].endswith("x seed sets grid (2 per prompt), mined (2 per prompt); baseline 'cfg'; output "
+                             f"{tmp_path / 'out'}") and lines[1] == f"note: {notes[0]}"
+
+
 def _images(run: Path) -> dict[tuple[str, int], np.ndarray]:
     from diffprobe.store import open_run
 
@@ -351,7 +382,7 @@ def test_mined_arms_pair_with_the_grid_by_image_index(mined_audit):
 
     file, _, result = mined_audit
     summary = result.summary
-    assert [a["label"] for a in summary["arms"]] == ["cfg seeds=grid", "cfg seeds=mined"]
+    assert [a["label"] for a in summary["arms"]] == ["cfg", "cfg seeds=mined"]
     runs = {a["seed_set"]: result.audit_dir / a["run_dir"] for a in summary["arms"]}
     order = {}
     for name, run in runs.items():

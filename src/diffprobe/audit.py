@@ -141,13 +141,14 @@ class SeedSet(BaseModel):
 
 
 class GuidanceEntry(BaseModel):
-    """``{name: scfg, scale: [3.5, 5]}``: every key but ``name`` and ``label`` is a guider parameter; a list
-    value is a sweep (one arm per value)."""
+    """``{name: scfg, scale: [3.5, 5]}``: every key but ``name``, ``label`` and ``seeds`` is a guider parameter;
+    a list value is a sweep (one arm per value)."""
 
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(min_length=1)
     label: str | None = None
+    seeds: list[str] | None = None  # labels of the seed sets this entry's arms use (default: every seed set)
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -233,6 +234,15 @@ class AuditConfig(BaseModel):
         if (problem := _seed_problem(value)) is not None:
             raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _known_seed_sets(self) -> AuditConfig:
+        names = [s.name for s in self.seed_sets()]
+        for i, entry in enumerate(self.guidance):
+            if unknown := [x for x in entry.seeds or [] if x not in names]:
+                raise ValueError(f"guidance.{i}.seeds: no seed set {', '.join(map(repr, unknown))}; seed sets: "
+                                 f"{', '.join(map(repr, names))}")
+        return self
 
     def model_entries(self) -> list[ModelEntry]:
         return [ModelEntry(name=m) if isinstance(m, str) else m for m in self.models]
@@ -360,7 +370,8 @@ def _slug(text: str) -> str:
 
 def expand(config: AuditConfig) -> list[tuple[str, ModelEntry, dict[str, Any], dict[str, Any] | None, str, SeedSet]]:
     """(label, model, guidance {name, params}, sweep, group, seed set) per arm: models x guidance entries x the
-    values of each list-valued parameter (several lists: every combination) x seed sets."""
+    values of each list-valued parameter (several lists: every combination) x seed sets (those the entry names in
+    ``seeds``, default all)."""
     models = config.model_entries()
     seed_sets = config.seed_sets()
     out = []
@@ -370,7 +381,10 @@ def expand(config: AuditConfig) -> list[tuple[str, ModelEntry, dict[str, Any], d
             params = entry.params()
             swept = [k for k, v in params.items() if isinstance(v, list) and k != "concepts"]
             for s_index, seed_set in enumerate(seed_sets):
-                base = prefix + (entry.label or entry.name) + (f" seeds={seed_set.name}" if len(seed_sets) > 1 else "")
+                if entry.seeds is not None and seed_set.name not in entry.seeds:
+                    continue
+                # arms of the first seed set are named as in an audit of one seed set; the others say theirs
+                base = prefix + (entry.label or entry.name) + (f" seeds={seed_set.name}" if s_index else "")
                 group = f"{m_index}:{g_index}:{s_index}"
                 for values in itertools.product(*(params[k] for k in swept)) if swept else [()]:
                     chosen = {**params, **dict(zip(swept, values, strict=True))}
@@ -410,19 +424,27 @@ def arm_identity(spec: RunSpec) -> dict[str, Any]:
     return identity
 
 
-def plan_arms(config: AuditConfig, config_path: Path, audit_dir: Path) -> tuple[list[ArmPlan], list[Prompt], str]:
-    """Every arm with its RunSpec and run directory, the prompts, and the baseline label. Seeds go through the
-    spec builder that ``generate --seeds`` uses (``reliable:FILE[:K]`` included)."""
+def plan_arms(config: AuditConfig, config_path: Path, audit_dir: Path,
+              notes: list[str] | None = None) -> tuple[list[ArmPlan], list[Prompt], str]:
+    """Every arm with its RunSpec and run directory, the prompts, and the baseline label; ``notes`` gets a line
+    per mined seed set that leaves prompts out. Seeds go through the spec builder that ``generate --seeds`` uses
+    (``reliable:FILE[:K]`` included)."""
     arms: list[ArmPlan] = []
+    notes = [] if notes is None else notes
     first = config.model_entries()[0]
     spec, items, _ = build_spec({"model": first.spec_fields(config_path.parent), "prompts": config.prompts,
                                  "seeds": "0", "sampler": config.sampler}, spec_file=config_path)
     prompts = select_prompts(items, config.per_category)
     source = spec.prompt_source or (config.prompts if isinstance(config.prompts, str) else None)
+    kept: dict[str, list[Prompt]] = {}
     for label, model, guidance, sweep, _, seed_set in expand(config):
-        data = {"model": model.spec_fields(config_path.parent), "seeds": seed_set.spec_value(),
-                "sampler": config.sampler, "guidance": guidance, "prompts": prompts}
         try:
+            if seed_set.name not in kept:
+                kept[seed_set.name], note = mined_prompts(seed_set, prompts, config_path.parent)
+                if note:
+                    notes.append(note)
+            data = {"model": model.spec_fields(config_path.parent), "seeds": seed_set.spec_value(),
+                    "sampler": config.sampler, "guidance": guidance, "prompts": kept[seed_set.name]}
             spec, _, _ = build_spec(data, spec_file=config_path)
         except InputError as err:
             if not seed_set.reliable:
@@ -437,6 +459,33 @@ def plan_arms(config: AuditConfig, config_path: Path, audit_dir: Path) -> tuple[
     if baseline not in labels:
         raise InputError(f"audit config: baseline {baseline!r} is not an arm; arms: {', '.join(map(repr, labels))}")
     return arms, prompts, baseline
+
+
+def mined_prompts(seed_set: SeedSet, prompts: list[Prompt], base: Path) -> tuple[list[Prompt], str | None]:
+    """The prompts a seed set's arms hold, and a note when some are left out: mined seeds are drawn per count or
+    relation category, so the arms of a ``reliable:`` set hold the prompts whose category the file has mined."""
+    if not seed_set.reliable:
+        return prompts, None
+    from .seeds.file import read_reliable
+    from .seeds.reliable import prompt_category, reliable_request
+
+    reliable = read_reliable(reliable_request(seed_set.spec_value(), base=base).file)
+    kept = []
+    for p in prompts:
+        try:
+            category = prompt_category(p)
+        except InputError:  # no question, or not a count or relation one
+            continue
+        if category in reliable.categories:
+            kept.append(p)
+    if not kept:
+        raise InputError(f"no prompt has a category mined in {reliable.path} (it has: "
+                         f"{', '.join(reliable.categories)}); give prompts with count or relation questions")
+    if len(kept) == len(prompts):
+        return prompts, None
+    return kept, (f"seeds {seed_set.name!r}: its arms hold the {len(kept)} of {len(prompts)} prompts whose count or "
+                  f"relation category {reliable.path.name} has mined; their comparisons pair on those prompts, and "
+                  "their accuracy 'all' is over those prompts only")
 
 
 def count_made(arm: ArmPlan) -> None:
@@ -525,10 +574,11 @@ def time_one_batch(arm: ArmPlan, prompts: list[Prompt], models: Models, batch: i
 def dry_run(config_path: Path, audit_dir: Path, *, console: Console, timing: bool = True) -> list[str]:
     """The plan as lines of text: each arm, its images to make and already made, and an estimated time."""
     config, _ = load_config(config_path)
-    arms, prompts, baseline = plan_arms(config, config_path, audit_dir)
+    notes: list[str] = []
+    arms, prompts, baseline = plan_arms(config, config_path, audit_dir, notes)
     models = Models(console)
     lines = [f"audit {config.name or config_path.stem}: {len(arms)} arm(s), {seeds_text(arms, len(prompts))}; "
-             f"baseline {baseline!r}; output {audit_dir}"]
+             f"baseline {baseline!r}; output {audit_dir}", *(f"note: {n}" for n in notes)]
     total_s = 0.0
     estimated = timing
     per_image: dict[str, float] = {}
@@ -588,8 +638,8 @@ def run_audit(config_path: str | Path, audit_dir: str | Path | None = None, *, c
     config_path = Path(config_path)
     config, raw = load_config(config_path)
     audit_dir = Path(audit_dir) if audit_dir is not None else default_dir(config, config_path)
-    arms, prompts, baseline = plan_arms(config, config_path, audit_dir)
     notes: list[str] = []
+    arms, prompts, baseline = plan_arms(config, config_path, audit_dir, notes)
     models = Models(console)
     steps = len(arms) * (1 + len(_measure_names(config))) + 1
     with StageProgress(console, steps, enabled=progress) as view:
