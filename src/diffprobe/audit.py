@@ -1,12 +1,13 @@
-"""``diffprobe audit``: arms (model x guidance, list-valued guidance parameters expanded to one arm per value) on one
-prompt suite and one seed list; every arm is generated, scored and judged through the run store, then compared
-with the baseline arm (paired tests, Holm correction across arms), summarised in ``AUDIT_DIR/summary.json`` and
-reported in ``AUDIT_DIR/report/index.html``.
+"""``diffprobe audit``: arms (model, with optional LoRA adapters, x guidance, list-valued guidance parameters
+expanded to one arm per value, x seed sets: grids or mined ``reliable:FILE[:K]`` seeds) on one prompt suite;
+every arm is generated, scored and judged through the run store, then compared with the baseline arm (paired
+tests over prompts, or over images on the same prompt and image index; Holm correction across arms), summarised
+in ``AUDIT_DIR/summary.json`` and reported in ``AUDIT_DIR/report/index.html``.
 
 Each arm is a run directory under ``AUDIT_DIR/arms/``, named by its generation settings, so a re-run (after an
 interruption, or with more prompts or seeds) makes only the missing images and judges only the new ones. Arms of
-one model share one loaded model. A measure whose prerequisite is missing (no CLIP offline, no reference folder,
-prompts without questions) is skipped with a note, not an error.
+one model (and the same adapters) share one loaded model. A measure whose prerequisite is missing (no CLIP
+offline, no reference folder, prompts without questions) is skipped with a note, not an error.
 """
 
 from __future__ import annotations
