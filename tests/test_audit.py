@@ -536,3 +536,21 @@ def test_one_progress_view_counts_every_stage(tmp_path, monkeypatch):
     log = out.getvalue()
     assert "generating" not in log and "judging" not in log  # no bar of an inner command
     assert "audit" in log and "4/4" in log
+
+
+def test_the_demo_config_plans_its_mined_arm_from_train_prompts(tmp_path):
+    from diffprobe.audit import dry_run
+    from diffprobe.prompts import load_prompts
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    lines = dry_run(examples / "audit-shapes.yaml", tmp_path / "demo", console=None, timing=False)
+    assert lines[0].startswith("audit shapes-guidance: 6 arm(s), 8 prompt(s) x seed sets grid (3 per prompt), mined "
+                               "(3 per prompt); baseline 'cfg'")
+    assert lines[1].startswith("note: seeds 'mined': its arms hold the 4 of 8 prompts")
+    assert lines[2].startswith("  cfg: 24 image(s) to make") and lines[3].startswith("  cfg seeds=mined: 12 image(s)")
+    # the seeds were mined on train prompts only
+    mined = json.loads((examples / "shapes-reliable-seeds.json").read_text())
+    train = {p.text for p in load_prompts("shapes-train")}
+    used = load_prompts(str(examples / "shapes-mine-prompts.jsonl"))
+    assert used and all(p.text in train and p.meta["split"] == "train" for p in used)
+    assert mined["prompt_source"].endswith("shapes-mine-prompts.jsonl") and mined["sampler"]["steps"] == 25

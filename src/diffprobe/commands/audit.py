@@ -14,14 +14,15 @@ from ..console import message
 def register(app: typer.Typer) -> None:
     @app.command("audit")
     def audit_cmd(
-        config: Path = typer.Argument(..., help="Audit config (YAML): models, prompts, seeds, guidance arms "
-                                      "(lists expand to one arm per value), baseline, measures; see docs/audit.md."),
+        config: Path = typer.Argument(..., help="Audit config (YAML): models (LoRA optional), prompts, seed sets "
+                                      "(grids or reliable:FILE[:K]), guidance arms (lists expand to one arm per "
+                                      "value), baseline, measures; see docs/audit.md."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Audit directory (default: audits/<name>)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the arms, the images to make and already "
                                      "made, and an estimate timed on one batch; make nothing."),
         no_timing: bool = typer.Option(False, "--no-timing", help="With --dry-run: skip the timed batch (no model "
                                        "is loaded)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress view (a line per step instead)."),
     ) -> None:
         """Run an audit (resumable: a re-run makes only what is missing) and write summary.json and the report."""
         from ..audit import default_dir, load_config, run_audit

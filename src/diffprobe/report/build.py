@@ -129,6 +129,8 @@ def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[
             mixed = mixed or len(seeds) > 1
         rows = []
         for arm in report.arms:
+            if not lists[arm.label]:  # the arm does not hold this prompt (a mined seed set's arm, say)
+                continue
             cells = []
             for i, column in zip(shown_columns, columns, strict=True):
                 seed = lists[arm.label][i] if i < len(lists[arm.label]) else None
