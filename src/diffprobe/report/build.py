@@ -199,9 +199,14 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
             return None
         return v.get("accuracy") if "accuracy" in v else v.get("mean")
 
+    # A measure over all prompts (SCS, accuracy 'all', ...) of an arm that holds only some of them (a mined seed
+    # set's arm) is not comparable with the others': it is not a candidate for the best of such a column.
+    every = set(p for a in report.arms for p in a.prompts)
+    whole = {a.label for a in report.arms if set(a.prompts) == every}
     best: dict[str, float] = {}
     for cid, _, _ in columns:
-        values = [value_of(cell_value(m, cid)) for m in arm_measures.values()]
+        by_category = cid.startswith("composition:") and cid != "composition:all"
+        values = [value_of(cell_value(m, cid)) for label, m in arm_measures.items() if by_category or label in whole]
         values = [v for v in values if v is not None]
         if len(values) > 1 and len(set(values)) > 1:  # a column where every arm ties has no best
             best[cid] = min(values) if cid == "fd" else max(values)  # a smaller distance is better
@@ -214,8 +219,9 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
             v = cell_value(m, cid)
             value = value_of(v)
             pct = kind == "acc"
+            candidate = arm.label in whole or (cid.startswith("composition:") and cid != "composition:all")
             cell = {"value": _fmt(value, 3 if kind == "irs" else 2, pct), "interval": "", "diff": "", "p": "",
-                    "best": value is not None and cid in best and value == best[cid]}
+                    "best": candidate and value is not None and cid in best and value == best[cid]}
             if v is not None and v.get("low") is not None:
                 cell["interval"] = f"[{_fmt(v['low'], 3 if kind == 'irs' else 2, pct)}, " \
                                    f"{_fmt(v['high'], 3 if kind == 'irs' else 2, pct)}]"
@@ -225,7 +231,8 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
                 cell["p"] = f"p={_p(c.get('p'))}, Holm {_p(c.get('p_holm'))}"
             cells.append(cell)
         rows.append({"label": arm.label, "baseline": arm.label == report.baseline, "n_images": arm.n_images,
-                     "guidance": _describe_guidance(arm.guidance), "seeds": describe_seeds(arm), "cells": cells})
+                     "guidance": _describe_guidance(arm.guidance), "seeds": describe_seeds(arm), "cells": cells,
+                     "coverage": "" if arm.label in whole else f"{len(arm.prompts)} of {len(every)} prompts"})
     return {"columns": [{"id": c, "title": t} for c, t, _ in columns], "rows": rows}
 
 
