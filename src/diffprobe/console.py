@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 
@@ -14,26 +15,32 @@ def message(text: str, label: str = "", style: str = "yellow") -> Text:
     return Text.assemble((label, style), " ", text)
 
 
+class EtaColumn(ProgressColumn):
+    """``eta 0:01:23`` for a task whose ``eta`` field is true (from its rate); nothing for the others."""
+
+    def render(self, task) -> Text:
+        if not task.fields.get("eta") or task.finished:
+            return Text("")
+        left = task.time_remaining
+        if left is None:
+            return Text("eta -:--:--", style="progress.remaining")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"eta {hours}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+
+
 class StageProgress:
     """One progress view for a job of several steps (``with StageProgress(...) as view``): a line for the whole job
     (steps done, elapsed time) and a line for the step at work (its stage, what it works on, images done of its
     total, images/s, ETA). A disabled view (``enabled=False``) draws nothing."""
 
     def __init__(self, console, steps: int, *, title: str = "audit", enabled: bool = True):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.progress = Progress(TextColumn("[bold]{task.fields[stage]:<8}"), TextColumn("{task.description}"),
                                  BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), TimeRemainingColumn(),
-                                 console=console, disable=not enabled, transient=False)
-        self.job = self.progress.add_task(f"{steps} steps", total=steps, stage=title, rate="", eta="")
+                                 TimeElapsedColumn(), EtaColumn(), console=console, disable=not enabled,
+                                 transient=False)
+        # The job's line has no ETA: its steps (generating an arm, embedding it) differ too much in length.
+        self.job = self.progress.add_task(f"{steps} steps", total=steps, stage=title, rate="", eta=False)
         self.enabled = enabled
 
     def __enter__(self) -> StageProgress:
@@ -58,7 +65,7 @@ class _Step:
 
     def __enter__(self):
         progress = self.view.progress
-        self.task = progress.add_task(self.what, total=self.total, stage=self.stage, rate="", eta="eta")
+        self.task = progress.add_task(self.what, total=self.total, stage=self.stage, rate="", eta=True)
 
         def advance(n: int) -> None:
             progress.advance(self.task, n)
