@@ -237,10 +237,10 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
 
 
 def describe_seeds(arm: Arm) -> str:
-    """``0-3``, ``1, 5, 9`` or ``mined (reliable_seeds.json), 2 per prompt``."""
+    """``0-3``, ``1, 5, 9`` or ``mined, 2 per prompt`` (the file is named in the heatmap and the provenance)."""
     if (source := arm.seed_source) is not None:
-        latents = ", stored latents" if source.get("stored_latents") else ""
-        return f"mined ({Path(source['file']).name}), {source.get('k', 1)} per prompt{latents}"
+        latents = " (stored latents)" if source.get("stored_latents") else ""
+        return f"mined, {source.get('k', 1)} per prompt{latents}"
     seeds = arm.seeds
     if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
         return f"{seeds[0]}-{seeds[-1]}"
