@@ -59,3 +59,12 @@ def make_shapes_run(tmp_path_factory):
         return folder / "run"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_reliable(tmp_path_factory):
+    """A reliable seeds file mined by ``diffprobe seeds mine`` on the shapes model (2 steps), from train prompts
+    of the categories of ``report_helpers.RELIABLE_EVAL`` (count 3, relation left_of): (file, eval prompts file)."""
+    from report_helpers import mine_tiny
+
+    return mine_tiny(tmp_path_factory.mktemp("reliable"))

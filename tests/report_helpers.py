@@ -89,3 +89,54 @@ def write_config(folder: Path, text: str = TINY_AUDIT, name: str = "audit.yaml")
     path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _first(split: str, category: str, n: int):
+    from diffprobe.prompts import load_prompts
+    from diffprobe.seeds.reliable import prompt_category
+
+    return [p for p in load_prompts(f"shapes-{split}") if p.meta["category"] in ("count", "relation")
+            and prompt_category(p) == category][:n]
+
+
+RELIABLE_CATEGORIES = ("count 3", "relation left_of")
+
+
+def write_jsonl(path: Path, prompts) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p.text, **p.meta}) + "\n" for p in prompts), encoding="utf-8")
+    return path
+
+
+def mine_tiny(folder: Path) -> tuple[Path, Path]:
+    """``diffprobe seeds mine`` on 2 train prompts of each category in RELIABLE_CATEGORIES (seeds 0-3, 2 steps,
+    top 2); returns the reliable seeds file and a prompt file of 2 eval prompts of the same categories."""
+    from typer.testing import CliRunner
+
+    from diffprobe.cli import app
+
+    train = write_jsonl(folder / "train.jsonl", [p for c in RELIABLE_CATEGORIES for p in _first("train", c, 2)])
+    evals = write_jsonl(folder / "prompts.jsonl", [p for c in RELIABLE_CATEGORIES for p in _first("eval", c, 1)])
+    res = CliRunner().invoke(app, ["seeds", "mine", "--model", "shapes", "--prompts", str(train), "--seeds", "0-3",
+                                   "--steps", "2", "--top", "2", "--batch-size", "8", "-q", "--out",
+                                   str(folder / "mine")])
+    assert res.exit_code == 0, res.output
+    return folder / "mine" / "reliable_seeds.json", evals
+
+
+RELIABLE_AUDIT = """
+name: mined
+models: [shapes]
+prompts: {prompts}
+seeds:
+  - {{label: grid, seeds: 0-1}}
+  - {{label: mined, seeds: "reliable:{file}:2"}}
+sampler: {{steps: 2}}
+batch_size: 8
+guidance:
+  - {{name: cfg, scale: 3.5}}
+measures:
+  scs: {{embedder: efficientnet-lite0}}
+  composition: {{judge: shapes}}
+"""

@@ -115,3 +115,20 @@ def test_mcnemar_by_hand():
     assert mcnemar([True, False], [True, False])["p"] == 1.0
     with pytest.raises(InputError):
         mcnemar([True], [True, False])
+
+
+def test_an_arm_with_some_of_the_prompts_is_not_best_over_all_prompts(tmp_path):
+    from diffprobe.report.build import summary_table
+    from diffprobe.report.data import measures
+
+    report = hand_made_report(tmp_path)
+    arm = report.arms[1]  # the arm with the higher SCS, now holding half of the prompts (as a mined arm would)
+    arm.prompts = arm.prompts[:3]
+    arm.images = {k: v for k, v in arm.images.items() if k[0] in arm.prompts}
+    arm.scores["scs"]["per_prompt"] = arm.scores["scs"]["per_prompt"][:3]
+    table = summary_table(report, {a.label: measures(a) for a in report.arms})
+    base, partial = table["rows"]
+    assert partial["coverage"] == "3 of 6 prompts" and base["coverage"] == ""
+    assert partial["cells"][0]["value"] == "64.00"  # 63 + mean(0, 1, 2): higher than the baseline's 62.50 ...
+    assert not partial["cells"][0]["best"] and not base["cells"][0]["best"]  # ... but over other prompts
+    assert partial["cells"][2]["best"]  # a category's accuracy stays comparable

@@ -92,3 +92,32 @@ def test_a_real_run_report_loads_with_every_image(browser, tmp_path):
     with open_run(tmp_path / "run") as store:
         assert {s.prompt for s in store.samples()} == set(page.locator("#grids h3").all_inner_texts())
     page.close()
+
+
+def test_a_run_with_reliable_seeds_shows_the_heatmap(browser, tiny_reliable, tmp_path):
+    from diffprobe.commands.judge import judge_run
+    from diffprobe.generate import generate
+    from diffprobe.report import build_report
+    from diffprobe.spec import build_spec
+
+    file, prompts = tiny_reliable
+    spec, items, _ = build_spec({"model": "shapes", "prompts": str(prompts), "seeds": f"reliable:{file}:2",
+                                 "sampler": {"steps": 2}, "guidance": {"name": "cfg", "params": {"scale": 3.5}}})
+    generate(spec, tmp_path / "run", prompts=items, batch_size=8, progress=False)
+    judge_run(tmp_path / "run", "shapes", progress=False)
+    index = build_report(tmp_path / "run")
+    page, problems = open_report(browser, index, tmp_path / "reliable.png")
+    assert problems == []
+    assert _broken_images(page) == []
+    plots = page.evaluate("Array.from(document.querySelectorAll('figure img')).map(i => i.getAttribute('src'))")
+    heatmaps = [p for p in plots if p.startswith("plots/reliability_")]
+    assert len(heatmaps) == 1
+    figure = page.locator(f'figure:has(img[src="{heatmaps[0]}"])')
+    assert "Seed reliability: reliable_seeds.json" in figure.inner_text()
+    assert page.evaluate(f"document.querySelector('img[src=\"{heatmaps[0]}\"]').naturalHeight") > 100
+    figure.screenshot(path=str(tmp_path / "reliable-heatmap.png"))
+    if keep := os.environ.get("DIFFPROBE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "reliable-heatmap.png", Path(keep) / "reliable-heatmap.png")
+    # 2 prompts x their own 2 mined seeds: every image shown, each column named by its seed or index
+    assert page.evaluate("document.querySelectorAll('#grids .cell').length") == 4
+    page.close()

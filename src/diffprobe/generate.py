@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +333,7 @@ def generate(
     repair: bool = False,
     adapter: ModelAdapter | None = None,
     console: Console | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int], None] = True,
     backend: Backend | None = None,
 ) -> GenerateResult:
     """Generate every (prompt, seed) job of ``spec`` that ``out`` does not hold yet.
@@ -343,7 +343,8 @@ def generate(
     (images x guidance branches); by default a call holds them all and is split only on running out of GPU memory.
     ``repair`` drops the rows of an existing run whose image file is missing, so they are generated again (without
     it they are reported and kept). ``backend`` decides where batches are sampled (default: in this process); the
-    store is written here either way.
+    store is written here either way. ``progress``: a bar (True), none (False), or a callable told the number of
+    images each stored batch adds (a caller's own progress view; no bar then).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -421,7 +422,8 @@ def _complete(store: RunStore, spec: RunSpec, guider: Guider, report: RepairRepo
 
 def _run_jobs(store: RunStore, pool: Pool, facts: ModelFacts, guider: Guider, spec: RunSpec,
               config: dict[str, Any], todo: list[Job], batch_size: int, max_model_batch: int | None,
-              result: GenerateResult, console: Console, progress: bool, latents: InitialLatents | None = None) -> None:
+              result: GenerateResult, console: Console, progress: bool | Callable[[int], None],
+              latents: InitialLatents | None = None) -> None:
     provenance = {
         **config,
         "family": facts.family,
@@ -438,7 +440,8 @@ def _run_jobs(store: RunStore, pool: Pool, facts: ModelFacts, guider: Guider, sp
     warned: set[str] = set(result.truncated_prompts)
     bar = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                   disable=not progress, transient=False)
+                   disable=progress is not True, transient=False)
+    advance = progress if callable(progress) else None
     start = time.perf_counter()
     # One writer thread encodes PNGs and inserts rows while the next batch samples (PNG encoding of large
     # images is not free, and zlib releases the GIL). At most one batch waits, so memory stays bounded;
@@ -463,6 +466,8 @@ def _run_jobs(store: RunStore, pool: Pool, facts: ModelFacts, guider: Guider, sp
                                    "free space (or make it writable) and run the same command to resume") from err
             result.generated += len(items)
             bar.advance(task, len(items))
+            if advance is not None:
+                advance(len(items))
 
         tasks = [BatchTask(guider, batch, sampler, max_model_batch,
                            None if latents is None else latents.stack([j.seed for j in batch]))

@@ -305,7 +305,8 @@ FLAGS = {"model.name": "--model", "model.family": "--family", "model.dtype": "--
 def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tuple[RunSpec, list[Prompt], int]:
     """The RunSpec for ``data``, the prompts with their metadata, and how many repeated prompts were dropped.
 
-    ``data`` holds the keys of a spec file (``model``: a name or mapping; ``prompts``: a list, a file or a suite;
+    ``data`` holds the keys of a spec file (``model``: a name or mapping; ``prompts``: a list, a file or a suite,
+    or a list of loaded ``Prompt`` objects;
     ``seeds``: a list or the ``--seeds`` forms; ``sampler`` and ``guidance``: mappings of those specs' fields).
     ``spec_file`` is the file they came from: prompt files are found relative to it and errors name its fields
     (``spec file run.yaml: sampler.steps: ...``); without it the values came from the flags, and errors name the
@@ -318,7 +319,9 @@ def build_spec(data: Mapping[str, Any], *, spec_file: Path | None = None) -> tup
     if unknown := sorted(map(str, set(data) - SPEC_KEYS)):
         raise error(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}")
     raw_prompts = data.get("prompts")
-    if isinstance(raw_prompts, list) and raw_prompts:
+    if isinstance(raw_prompts, list) and raw_prompts and all(isinstance(p, Prompt) for p in raw_prompts):
+        items, source = list(raw_prompts), None  # prompts already loaded, with their metadata (questions)
+    elif isinstance(raw_prompts, list) and raw_prompts:
         if not all(isinstance(p, str) and p.strip() for p in raw_prompts):
             raise error("'prompts' must be a list of non-empty strings, a file or a suite" if spec_file is not None
                         else "--prompt must not be empty")

@@ -15,14 +15,15 @@ from . import backend_options as bo
 def register(app: typer.Typer) -> None:
     @app.command("audit")
     def audit_cmd(
-        config: Path = typer.Argument(..., help="Audit config (YAML): models, prompts, seeds, guidance arms "
-                                      "(lists expand to one arm per value), baseline, measures; see docs/audit.md."),
+        config: Path = typer.Argument(..., help="Audit config (YAML): models (LoRA optional), prompts, seed sets "
+                                      "(grids or reliable:FILE[:K]), guidance arms (lists expand to one arm per "
+                                      "value), baseline, measures; see docs/audit.md."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Audit directory (default: audits/<name>)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the arms, the images to make and already "
                                      "made, and an estimate timed on one batch; make nothing."),
         no_timing: bool = typer.Option(False, "--no-timing", help="With --dry-run: skip the timed batch (no model "
                                        "is loaded)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress view (a line per step instead)."),
         backend: str = bo.BACKEND,
         address: str | None = bo.ADDRESS,
         workers: int | None = bo.WORKERS,

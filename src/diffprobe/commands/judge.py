@@ -109,13 +109,14 @@ def build_judges(names: list[str], options: dict[str, Any] | None = None) -> lis
 
 
 def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, console: Console | None = None,
-              progress: bool = True, batch_size: int | None = None, write: bool = True,
+              progress: bool | Callable[[int], None] = True, batch_size: int | None = None, write: bool = True,
               summary_out: Path | None = None, backend: Any = None) -> JudgeResult:
     """Judge every image of the run with a question (resumable), then, with ``write``, write the per-image JSONL
     (``out``) and the summary JSON (``summary_out``; defaults under RUN/scores/). ``write=False`` only stores the
     verdicts and returns them (agreement between two judges reads them that way). ``batch_size`` defaults to
     :func:`default_batch_size`. ``backend`` (``diffprobe.distributed``) decides where batches are judged; verdicts
-    are stored here either way."""
+    are stored here either way. ``progress``: a bar (True), none (False), or a callable told the number of images
+    each batch judges (a caller's own progress view)."""
     from ..judges import make_judge
     from ..judges.questions import question_dict, question_for
     from ..prompts import Prompt
@@ -161,7 +162,7 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
         if todo:
             judge.check()  # a server that cannot answer fails here, before the progress bar and any verdict
         bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=console, disable=not progress, transient=False)
+                       console=console, disable=progress is not True, transient=False)
         with bar:
             task = bar.add_task("judge", total=len(todo))
             batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -172,6 +173,8 @@ def judge_run(run_dir: Path, judge: str | Judge, *, out: Path | None = None, con
                     for (s, _, qjson), v in zip(batch, verdicts, strict=True))
                 result.judged += len(batch)
                 bar.advance(task, len(batch))
+                if callable(progress):
+                    progress(len(batch))
         stored = {(v.image_sha256, canonical_identity(v.question)): v for v in store.judge_verdicts(identity)}
         for s, qjson in judged_items:
             v = stored.get((s.image_sha256, qjson))

@@ -110,19 +110,31 @@ def _verdict(info) -> tuple[str, str]:
 
 
 def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[list[dict[str, Any]], str]:
+    """Per shown prompt, a row per arm of its images side by side. Column i holds each arm's image of the prompt's
+    i-th seed: the same seed across arms that share a seed set (the column says which), else each arm's own (the
+    cell says which), as the paired tests line them up."""
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
     prompts = list(dict.fromkeys([p for a in report.arms for p in a.prompts]))
-    seeds = list(dict.fromkeys([s for a in report.arms for s in a.seeds]))
-    shown_prompts, shown_seeds = spread(prompts, max_prompts), spread(seeds, max_seeds)
+    width = max((len(seeds) for a in report.arms for seeds in a.seed_lists.values()), default=0)
+    shown_prompts, shown_columns = spread(prompts, max_prompts), spread(list(range(width)), max_seeds)
     shares = {arm.label: scs_contributions(arm, shown_prompts) for arm in report.arms}
-    out_grids = []
+    out_grids, mixed = [], False
     for prompt in shown_prompts:
+        lists = {arm.label: arm.seed_lists.get(prompt, []) for arm in report.arms}
+        columns = []
+        for i in shown_columns:
+            seeds = {lst[i] for lst in lists.values() if i < len(lst)}
+            columns.append(f"seed {next(iter(seeds))}" if len(seeds) == 1 else f"image {i + 1}")
+            mixed = mixed or len(seeds) > 1
         rows = []
         for arm in report.arms:
+            if not lists[arm.label]:  # the arm does not hold this prompt (a mined seed set's arm, say)
+                continue
             cells = []
-            for seed in shown_seeds:
-                info = arm.images.get((prompt, seed))
+            for i, column in zip(shown_columns, columns, strict=True):
+                seed = lists[arm.label][i] if i < len(lists[arm.label]) else None
+                info = None if seed is None else arm.images.get((prompt, seed))
                 if info is None:
                     cells.append({"seed": seed, "missing": True})
                     continue
@@ -130,14 +142,18 @@ def grids(report: Report, out: Path, max_prompts: int, max_seeds: int) -> tuple[
                 src = thumbnail(info.path, info.sha256, thumbs)
                 share = shares[arm.label].get((prompt, seed))
                 cells.append({"seed": seed, "src": src, "mark": mark, "caption": caption, "missing": src is None,
+                              "own_seed": "" if column.startswith("seed ") else f"seed {seed}",
                               "scs": "" if share is None else f"SCS share {share:.1f}"})
             rows.append({"label": arm.label, "cells": cells})
         out_grids.append({"prompt": prompt, "anchor": _anchor(prompt), "long": len(prompt) > LONG_TEXT,
-                          "short": prompt[:LONG_TEXT], "rows": rows})
+                          "short": prompt[:LONG_TEXT], "columns": columns, "rows": rows})
     note = (f"Showing {len(shown_prompts)} of {len(prompts)} prompts (evenly spaced in run order) and "
-            f"{len(shown_seeds)} of {len(seeds)} seeds per prompt, for every arm."
-            if len(shown_prompts) < len(prompts) or len(shown_seeds) < len(seeds)
-            else f"All {len(prompts)} prompts and {len(seeds)} seeds.")
+            f"{len(shown_columns)} of {width} seeds per prompt, for every arm."
+            if len(shown_prompts) < len(prompts) or len(shown_columns) < width
+            else f"All {len(prompts)} prompts and {width} seeds per prompt.")
+    if mixed:
+        note += (" Arms with different seed sets are lined up by image index (image i: each arm's i-th seed of the "
+                 "prompt, named under the image), as the paired tests pair them.")
     return out_grids, note
 
 
@@ -183,9 +199,14 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
             return None
         return v.get("accuracy") if "accuracy" in v else v.get("mean")
 
+    # A measure over all prompts (SCS, accuracy 'all', ...) of an arm that holds only some of them (a mined seed
+    # set's arm) is not comparable with the others': it is not a candidate for the best of such a column.
+    every = set(p for a in report.arms for p in a.prompts)
+    whole = {a.label for a in report.arms if set(a.prompts) == every}
     best: dict[str, float] = {}
     for cid, _, _ in columns:
-        values = [value_of(cell_value(m, cid)) for m in arm_measures.values()]
+        by_category = cid.startswith("composition:") and cid != "composition:all"
+        values = [value_of(cell_value(m, cid)) for label, m in arm_measures.items() if by_category or label in whole]
         values = [v for v in values if v is not None]
         if len(values) > 1 and len(set(values)) > 1:  # a column where every arm ties has no best
             best[cid] = min(values) if cid == "fd" else max(values)  # a smaller distance is better
@@ -198,8 +219,9 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
             v = cell_value(m, cid)
             value = value_of(v)
             pct = kind == "acc"
+            candidate = arm.label in whole or (cid.startswith("composition:") and cid != "composition:all")
             cell = {"value": _fmt(value, 3 if kind == "irs" else 2, pct), "interval": "", "diff": "", "p": "",
-                    "best": value is not None and cid in best and value == best[cid]}
+                    "best": candidate and value is not None and cid in best and value == best[cid]}
             if v is not None and v.get("low") is not None:
                 cell["interval"] = f"[{_fmt(v['low'], 3 if kind == 'irs' else 2, pct)}, " \
                                    f"{_fmt(v['high'], 3 if kind == 'irs' else 2, pct)}]"
@@ -209,8 +231,20 @@ def summary_table(report: Report, arm_measures: dict[str, dict[str, Any]]) -> di
                 cell["p"] = f"p={_p(c.get('p'))}, Holm {_p(c.get('p_holm'))}"
             cells.append(cell)
         rows.append({"label": arm.label, "baseline": arm.label == report.baseline, "n_images": arm.n_images,
-                     "guidance": _describe_guidance(arm.guidance), "cells": cells})
+                     "guidance": _describe_guidance(arm.guidance), "seeds": describe_seeds(arm), "cells": cells,
+                     "coverage": "" if arm.label in whole else f"{len(arm.prompts)} of {len(every)} prompts"})
     return {"columns": [{"id": c, "title": t} for c, t, _ in columns], "rows": rows}
+
+
+def describe_seeds(arm: Arm) -> str:
+    """``0-3``, ``1, 5, 9`` or ``mined, 2 per prompt`` (the file is named in the heatmap and the provenance)."""
+    if (source := arm.seed_source) is not None:
+        latents = " (stored latents)" if source.get("stored_latents") else ""
+        return f"mined, {source.get('k', 1)} per prompt{latents}"
+    seeds = arm.seeds
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds[:6])) + (f", … ({len(seeds)})" if len(seeds) > 6 else "")
 
 
 def _describe_guidance(guidance: dict[str, Any]) -> str:
@@ -272,6 +306,10 @@ def figures(report: Report, arm_measures: dict[str, dict[str, Any]], out: Path) 
             add(plots.dose_response(sweep["param"], series, baseline, folder / f"sweep_{i}.png", sweep["title"]),
                 f"Dose-response: {sweep['title']}",
                 f"Each measure against {sweep['param']}, with intervals; the dashed line is the baseline.")
+    for source, labels in _seed_sources(report):
+        add(_reliability(report, source, labels, folder), f"Seed reliability: {Path(source['file']).name}",
+            "Accuracy of each mined seed per category in the reliable seeds file (red frames: the top seeds each "
+            f"prompt draws from), used by {', '.join(labels)}.")
     for arm in report.arms:
         record = next((info.records for info in arm.images.values() if info.records.get("steps")), None)
         if record:
@@ -280,6 +318,34 @@ def figures(report: Report, arm_measures: dict[str, dict[str, Any]], out: Path) 
             add(plots.guidance_curves(record, file), f"Guidance record: {arm.label}",
                 f"Per-step record of one image (prompt {info.prompt[:80]!r}, seed {info.seed}).")
     return figs
+
+
+def _seed_sources(report: Report) -> list[tuple[dict[str, Any], list[str]]]:
+    """Each reliable seeds file (by path and hash) with the labels of the arms whose seeds were drawn from it."""
+    found: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
+    for arm in report.arms:
+        if (source := arm.seed_source) is not None:
+            found.setdefault((source["file"], source["sha256"]), (source, []))[1].append(arm.label)
+    return list(found.values())
+
+
+def _reliability(report: Report, source: dict[str, Any], labels: list[str], folder: Path) -> Path | None:
+    """The seed x category heatmap of the reliable seeds file the arms used (``seeds show``'s), or a note when the
+    file is gone or has changed since."""
+    from ..sampling.latents import file_sha256
+    from ..seeds.file import read_reliable
+    from ..seeds.show import heatmap
+
+    path = Path(source["file"])
+    try:
+        reliable = read_reliable(path)
+    except InputError as err:
+        report.notes.append(f"seed reliability heatmap of {', '.join(labels)} not shown: {err}")
+        return None
+    if file_sha256(reliable.path) != source["sha256"]:
+        report.notes.append(f"the reliable seeds file {path} has changed since {', '.join(labels)} drew seeds from "
+                            "it; its heatmap shows the file as it is now")
+    return heatmap(reliable, folder / f"reliability_{source['sha256'][:12]}.png")
 
 
 def _headline(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -301,7 +367,8 @@ def provenance(report: Report) -> list[dict[str, Any]]:
     for arm in report.arms:
         rows.append({"label": arm.label, "run": str(arm.run_dir),
                      "entries": [("model", arm.model), ("sampler", arm.sampler), ("guidance", arm.guidance),
-                               ("library versions", arm.versions), *identities(arm).items()]})
+                                 *([("mined seeds", arm.seed_source)] if arm.seed_source else []),
+                                 ("library versions", arm.versions), *identities(arm).items()]})
     return rows
 
 

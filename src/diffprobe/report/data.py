@@ -48,10 +48,23 @@ class Arm:
     images: dict[tuple[str, int], ImageInfo]
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Each prompt's seeds in the run's order (the grid's seeds, or a prompt's own mined seeds); default: the images'
+    seed_lists: dict[str, list[int]] = field(default_factory=dict)
+    seed_source: dict[str, Any] | None = None  # how mined seeds were drawn (file, sha256, k, ...), from the spec
+
+    def __post_init__(self) -> None:
+        if not self.seed_lists:
+            for prompt, seed in sorted(self.images, key=lambda k: k[1]):
+                self.seed_lists.setdefault(prompt, []).append(seed)
 
     @property
     def n_images(self) -> int:
         return len(self.images)
+
+    def by_index(self) -> dict[tuple[str, int], ImageInfo]:
+        """(prompt, i) -> the image of the prompt's i-th seed: how arms with different seed sets line up."""
+        return {(p, i): self.images[(p, s)] for p, seeds in self.seed_lists.items() for i, s in enumerate(seeds)
+                if (p, s) in self.images}
 
     def per_prompt(self, metric: str) -> dict[str, float]:
         """Prompt text -> score for ``scs`` or ``clip`` (undefined scores left out)."""
@@ -114,17 +127,26 @@ def gather_run(run_dir: str | Path, label: str | None = None) -> Arm:
             answer=str((v or {}).get("answer") or ""), reason=str((v or {}).get("reason") or ""))
         prompts.setdefault(s.prompt)
         seeds.setdefault(s.seed)
+    seed_lists: dict[str, list[int]] = {}
     if spec is not None:  # the spec's order, where the run holds those images
         ordered = [p for p in spec.prompts if p in prompts]
         prompts = dict.fromkeys(ordered + [p for p in prompts if p not in set(ordered)])
         rank = {s: i for i, s in enumerate(spec.seeds)}
         seeds = dict.fromkeys(sorted(seeds, key=lambda x: (rank.get(x, len(rank)), x)))
+        for prompt, seed in spec.pairs():  # planned images keep their place when one is missing
+            seed_lists.setdefault(prompt, []).append(seed)
+        for prompt, seed in sorted(images, key=lambda k: k[1]):  # images the spec no longer names, at the end
+            if seed not in seed_lists.setdefault(prompt, []):
+                seed_lists[prompt].append(seed)
     first = samples[0].provenance if samples else {}
     arm = Arm(label=label or run_dir.resolve().name, run_dir=run_dir,
               model=config.get("model") or first.get("model", {}),
               sampler=config.get("sampler") or first.get("sampler", {}),
               guidance=config.get("guidance") or (samples[0].guidance if samples else {}),
-              versions=first.get("versions", {}), prompts=list(prompts), seeds=list(seeds), images=images)
+              versions=first.get("versions", {}), prompts=list(prompts), seeds=list(seeds), images=images,
+              seed_lists={p: seed_lists[p] for p in prompts if p in seed_lists},
+              seed_source=None if spec is None or spec.seed_source is None
+              else spec.seed_source.model_dump(mode="json"))
     for name in SCORE_FILES:
         path = run_dir / SCORES_DIR / f"{name}.json"
         if path.is_file():
