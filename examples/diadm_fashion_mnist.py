@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from experiment import Timer, cli  # examples/experiment.py
 from PIL import Image
 
 from diffprobe.diadm.data import dataset_folder
@@ -60,28 +58,6 @@ LABELS = {
     "pseudocond-test": "DiADM pseudocond (held-out test features)",
     "real": "real test images (IRS); real training images vs test (FD)",
 }
-
-
-def cli(*argv: str) -> None:
-    """One diffprobe command in a subprocess (the way a user runs it); its output goes to ours."""
-    print("$ diffprobe " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, "-m", "diffprobe.cli", *argv], check=True, env=os.environ.copy())
-
-
-class Timer:
-    """Wall seconds per stage, accumulated across resumed runs in OUT/timing.json."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def run(self, name: str, fn: Any, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.data[name] = round(self.data.get(name, 0.0) + time.perf_counter() - t0, 1)
-            self.path.write_text(json.dumps(self.data, indent=1) + "\n")
 
 
 def train(a: argparse.Namespace, mode: str) -> None:

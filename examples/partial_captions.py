@@ -40,16 +40,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from experiment import Timer, run  # examples/experiment.py
 
 from diffprobe.audit import compare_arm
 from diffprobe.metrics.stats import compare_scores, holm, wilson
@@ -65,31 +63,6 @@ CONCEPT_SCALES = (1.0, 3.0, 7.5)  # concept_scale 0 is CFG itself
 QUALITY_POINTS = 0.03  # single and count accuracy must stay within 3 points of the control
 ALPHA = 0.05
 CONTROL = "control"
-
-
-# --- running commands -----------------------------------------------------------------------------------------
-
-
-def run(*argv: str) -> None:
-    """One command in a subprocess (the way a user runs it); its output goes to ours."""
-    print("$ " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, *argv], check=True, env=os.environ.copy())
-
-
-class Timer:
-    """Wall seconds per stage, accumulated across resumed runs in OUT/timing.json."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def run(self, name: str, fn: Any, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.data[name] = round(self.data.get(name, 0.0) + time.perf_counter() - t0, 1)
-            self.path.write_text(json.dumps(self.data, indent=1))
 
 
 # --- prompts --------------------------------------------------------------------------------------------------

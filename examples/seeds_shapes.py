@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from experiment import Timer, cli  # examples/experiment.py
 
 from diffprobe.metrics.stats import bootstrap_mean_ci, mcnemar, wilson
 from diffprobe.prompts import Prompt, load_prompts, unique
@@ -52,32 +50,6 @@ ARMS = {
     "e": "full + random seeds",
 }
 CATEGORIES = ("count", "relation")
-
-
-# --- running the CLI ------------------------------------------------------------------------------------------
-
-
-def cli(*argv: str) -> None:
-    """One diffprobe command in a subprocess (the way a user runs it); its output goes to ours."""
-    cmd = [sys.executable, "-m", "diffprobe.cli", *argv]
-    print("$ diffprobe " + " ".join(argv), flush=True)
-    subprocess.run(cmd, check=True, env=os.environ.copy())
-
-
-class Timer:
-    """Wall seconds per stage, accumulated across resumed runs in OUT/timing.json."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def run(self, name: str, fn: Any, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.data[name] = self.data.get(name, 0.0) + time.perf_counter() - t0
-            self.path.write_text(json.dumps(self.data, indent=1))
 
 
 # --- prompts --------------------------------------------------------------------------------------------------

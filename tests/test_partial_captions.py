@@ -236,9 +236,13 @@ def test_partial_batches_hold_the_partial_stream():
 
 def _example():
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "partial_captions.py"
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if str(examples) not in sys.path:
+        sys.path.insert(0, str(examples))  # the example imports examples/experiment.py, as it does when run
+    path = examples / "partial_captions.py"
     spec = importlib.util.spec_from_file_location("partial_captions_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
