@@ -30,7 +30,17 @@ from .console import StageProgress, message
 from .distributed import Backend, WorkerStats
 from .errors import DiffprobeError, InputError
 from .prompts import Prompt
-from .spec import RELIABLE_PREFIX, LoraSpec, RunSpec, build_spec, canonical_json, check_seeds, parse_lora, parse_seeds
+from .spec import (
+    RELIABLE_PREFIX,
+    LoraSpec,
+    RunSpec,
+    build_spec,
+    canonical_json,
+    check_seeds,
+    parse_lora,
+    parse_seeds,
+    read_yaml,
+)
 
 ARMS_DIR = "arms"
 SUMMARY_FILE = "summary.json"
@@ -327,18 +337,8 @@ def load_config(path: str | Path) -> tuple[AuditConfig, dict[str, Any]]:
     import yaml
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except OSError as err:
-        raise InputError(f"cannot read audit config {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"audit config {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"audit config {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    text, data = read_yaml(path, "audit config", "an audit config")
+    root = yaml.compose(text)  # parsed above, so it parses: the node tree gives errors their line
     if not isinstance(data, dict):
         raise InputError(f"audit config {path} must be a mapping with keys: {', '.join(AuditConfig.model_fields)}")
     try:

@@ -388,6 +388,28 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def read_yaml(path: Path, what: str, kind: str) -> tuple[str, Any]:
+    """(text, parsed data) of a YAML file; every way it can fail is an :class:`InputError` naming ``what`` (``"spec
+    file"``) and, where the parser knows it, the line."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        return text, yaml.safe_load(text)
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{what} {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:
+        raise InputError(f"{what} {path}: nested too deeply to be {kind}") from None
+    except ValueError as err:  # e.g. an integer past Python's digit limit
+        raise InputError(f"{what} {path}: {err}") from None
+
+
 def load_spec_file(path: str | Path) -> tuple[RunSpec, list[Prompt], int]:
     """Read a run spec from YAML; returns the spec, its prompts (``diffprobe.prompts.Prompt``, with metadata) and
     how many repeated prompts were dropped::
@@ -398,23 +420,8 @@ def load_spec_file(path: str | Path) -> tuple[RunSpec, list[Prompt], int]:
         sampler: {steps: 50, scheduler: ddim, height: 768, width: 768}
         guidance: {name: cfg, scale: 7.5}           # every key but name is a guider parameter
     """
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InputError(f"cannot read spec file {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"spec file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"spec file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    except RecursionError:
-        raise InputError(f"spec file {path}: nested too deeply to be a run spec") from None
-    except ValueError as err:  # e.g. an integer past Python's digit limit
-        raise InputError(f"spec file {path}: {err}") from None
+    _, data = read_yaml(path, "spec file", "a run spec")
     if not isinstance(data, dict):
         raise InputError(f"spec file {path} must be a mapping with keys: {', '.join(sorted(SPEC_KEYS))}")
     guidance = data.get("guidance")
