@@ -170,6 +170,11 @@ def test_bad_inputs_give_clear_errors(images, trained, tmp_path):
     Image.new("L", (8, 8)).save(flat / "a.png")
     with pytest.raises(InputError, match="--cond class needs a class per image"):
         train_diadm(flat, tmp_path / "m", DiadmOptions(cond="class", **TINY), device="cpu")
+    (flat / "b.png").write_text("not an image")
+    used_whole = r"b\.png: unreadable image .*\(fix or remove them: a training set is used whole\)$"
+    with pytest.raises(InputError, match=used_whole):
+        train_diadm(flat, tmp_path / "m", DiadmOptions(cond="uncond", **TINY), device="cpu")
+    (flat / "b.png").unlink()
     np.save(tmp_path / "wrong.npy", np.ones((2, 7), np.float32))
     with pytest.raises(InputError, match=r"dimension 7, but the model was trained on \d+-dimensional"):
         sample_diadm(trained, tmp_path / "run", features_from=tmp_path / "wrong.npy", device="cpu")

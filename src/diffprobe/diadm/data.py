@@ -138,7 +138,8 @@ def read_training_images(source: str | Path, cache_dir: Path | None = None) -> T
         names: list[str | None] = [str(ex.record.get("label", ex.text)) for ex in examples]
     else:
         try:
-            found = load_image_set(root, strict=True, flat=True)
+            found = load_image_set(root, strict=True, flat=True,
+                                   strict_fix="fix or remove them: a training set is used whole")
         except InputError as err:
             if str(err).startswith("no readable images"):
                 raise InputError(f"--images {source}: the folder holds no images (png, jpg, ...); put the training "

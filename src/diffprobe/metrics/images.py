@@ -219,11 +219,13 @@ def load_image_set(
     strict: bool = False,
     guidance: str | None = None,
     flat: bool = False,
+    strict_fix: str = "drop --strict to skip them",
 ) -> ImageSet:
     """Find and check the images under ``path``.
 
-    Unreadable and non-image files are skipped and counted (``strict=True``: raise instead). ``flat=True``
-    ignores any grouping and takes every image below ``path`` (used for IRS train/test/query sets).
+    Unreadable and non-image files are skipped and counted (``strict=True``: raise instead, ending the message
+    with ``strict_fix``, the caller's way out). ``flat=True`` ignores any grouping and takes every image below
+    ``path`` (used for IRS train/test/query sets).
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -274,7 +276,7 @@ def load_image_set(
             sizes[size] = sizes.get(size, 0) + 1
     if skipped and strict:
         p, r = skipped[0]
-        raise InputError(f"{len(skipped)} bad file(s) under {root}, e.g. {p}: {r} (drop --strict to skip them)")
+        raise InputError(f"{len(skipped)} bad file(s) under {root}, e.g. {p}: {r} ({strict_fix})")
     if not kept:
         raise InputError(f"no readable images under {root}" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return ImageSet(root=root, source=source, items=kept, skipped=skipped, sizes=sizes, run_dir=run_dir, notes=notes)
