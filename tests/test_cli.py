@@ -250,3 +250,26 @@ def test_score_commands_share_their_options():
     for shared in ("--device", "--batch-size", "--strict", "--guidance", "--no-cache", "--cache-dir", "--out"):
         assert all(shared in h for h in helps.values()), shared
     assert all("Do not read or write the feature cache." in h for h in helps.values())
+
+
+def test_an_interrupted_command_says_what_is_kept_and_exits_130():
+    """Every long command wraps its work in ``resumable``: Ctrl-C prints where the finished part is and how to go on,
+    with exit code 130 and no traceback; other errors pass through unchanged."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from diffprobe.console import resumable
+
+    out = StringIO()
+    console = Console(file=out, width=200)
+    with pytest.raises(SystemExit) as stopped, resumable(console, "finished images are kept in runs/[red]x"):
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130
+    assert out.getvalue().strip() == ("interrupted: finished images are kept in runs/[red]x; run the same command "
+                                      "to resume")
+    with pytest.raises(ValueError, match="boom"), resumable(console, "nothing"):
+        raise ValueError("boom")
+    with resumable(console, "nothing"):
+        pass
+    assert out.getvalue().count("interrupted") == 1

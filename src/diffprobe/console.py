@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -13,6 +17,17 @@ def message(text: str, label: str = "", style: str = "yellow") -> Text:
     if not label:
         return Text(text)
     return Text.assemble((label, style), " ", text)
+
+
+@contextmanager
+def resumable(console, kept: str, resume: str = "run the same command to resume") -> Iterator[None]:
+    """Ctrl-C inside the block prints ``interrupted: <kept>; <resume>`` and exits 130 instead of a traceback. Use it
+    around work whose finished part is stored (``kept`` says where) and that the same command continues."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(message(f"interrupted: {kept}; {resume}"))
+        sys.exit(130)
 
 
 class EtaColumn(ProgressColumn):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from ..console import message
+from ..console import message, resumable
 from . import backend_options as bo
 
 
@@ -42,12 +41,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(line)
             return
         check_writable(audit_dir, directory=True)
-        try:
+        with resumable(console, f"finished images and verdicts are kept in {audit_dir}"):
             result = run_audit(config, audit_dir, console=console, progress=not quiet, backend=runner)
-        except KeyboardInterrupt:
-            console.print(message(f"interrupted: finished images and verdicts are kept in {audit_dir}; run the same "
-                                  "command to resume"))
-            sys.exit(130)
         for note in result.notes:
             console.print(message(note, "note:"))
         bo.print_pool_summaries(console, result.workers)

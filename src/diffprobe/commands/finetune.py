@@ -3,13 +3,12 @@ of the denoiser on an image folder; resumes after a kill."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from ..console import message
+from ..console import message, resumable
 
 
 def register(seeds_app: typer.Typer) -> None:
@@ -62,12 +61,9 @@ def register(seeds_app: typer.Typer) -> None:
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed, center_crop=not no_center_crop,
             random_flip=not no_random_flip, workers=workers)
-        try:
+        with resumable(console, f"checkpoints are kept in {work_folder(out)}",
+                       "run the same command to resume from the newest one"):
             result = finetune(data, model, out, options, device=device, keep_work=keep_checkpoints)
-        except KeyboardInterrupt:
-            console.print(message(f"interrupted: checkpoints are kept in {work_folder(out)}; run the same command "
-                                  "to resume from the newest one"))
-            sys.exit(130)
         resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
         console.print(message(f"trained {result.trainable_parameters:,} of {result.total_parameters:,} denoiser "
                               f"parameters for {result.steps} steps{resumed}; wrote {result.out}"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from ..console import message
+from ..console import message, resumable
 from ..errors import InputError, check_writable
 from ..prompts import Prompt
 from ..spec import RELIABLE_PREFIX, RunSpec, build_spec, canonical_json, load_spec_file, parse_lora
@@ -173,14 +172,10 @@ def register(app: typer.Typer) -> None:
             raise InputError("--new and --extend exclude each other")
         run_dir = check_writable(out or default_out(spec), directory=True)
         runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
-        try:
+        with resumable(console, f"finished images are kept in {run_dir}"):
             result = generate(spec, run_dir, prompts=items, batch_size=batch_size, max_model_batch=max_model_batch,
                               new=new, extend=extend, repair=repair,
                               console=console, progress=not quiet, backend=runner)
-        except KeyboardInterrupt:
-            console.print(message(f"interrupted: finished images are kept in {run_dir}; run the same command to "
-                                  "resume"))
-            sys.exit(130)
         rate = f" at {result.images_per_second:.2f} images/s" if result.generated else ""
         console.print(message(f"{result.generated} generated{rate}, {result.skipped} already there; "
                               f"{result.total} images in {result.run_dir}"))

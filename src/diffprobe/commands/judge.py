@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import sys
 import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..console import message
+from ..console import message, resumable
 from ..distributed import ReusePools
 from ..errors import InputError, check_writable, writing
 from ..judges.base import Judge
@@ -431,28 +430,26 @@ def register(app: typer.Typer) -> None:
         if options:
             open_run(run).close()  # a wrong run directory fails before a detector loads
         made: list[Judge] = []
-        try:
-            if agreement:
-                from .agreement import agreement_lines, agreement_run
+        with resumable(console, f"stored verdicts are kept in {run}"):
+            try:
+                if agreement:
+                    from .agreement import agreement_lines, agreement_run
 
-                made = build_judges([judge, against], options)
-                judge_a, judge_b = made
-                report = agreement_run(run, judge_a, judge_b, out=out, console=console, progress=not quiet,
-                                       batch_size=batch_size, names=(judge, against))
-                console.print(message(f"agreement written to {report['path']}"))
-                for line in agreement_lines(report):
-                    typer.echo(line)
-                return
-            made = build_judges([judge], options)
-            result = judge_run(run, made[0], out=out, console=console, progress=not quiet, batch_size=batch_size,
-                               backend=runner)
-        except KeyboardInterrupt:
-            console.print(message(f"interrupted: stored verdicts are kept in {run}; run the same command to resume"))
-            sys.exit(130)
-        finally:
-            runner.close()
-            for each in made:
-                each.close()
+                    made = build_judges([judge, against], options)
+                    judge_a, judge_b = made
+                    report = agreement_run(run, judge_a, judge_b, out=out, console=console, progress=not quiet,
+                                           batch_size=batch_size, names=(judge, against))
+                    console.print(message(f"agreement written to {report['path']}"))
+                    for line in agreement_lines(report):
+                        typer.echo(line)
+                    return
+                made = build_judges([judge], options)
+                result = judge_run(run, made[0], out=out, console=console, progress=not quiet, batch_size=batch_size,
+                                   backend=runner)
+            finally:
+                runner.close()
+                for each in made:
+                    each.close()
         bo.print_pool_summaries(console, runner.worker_stats())
         console.print(message(f"{result.judged} judged, {result.already} already judged, "
                               f"{sum(result.skipped.values())} skipped; per-image verdicts in {result.jsonl}, "

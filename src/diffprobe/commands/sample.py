@@ -3,14 +3,13 @@ directory (one image per training feature, seed = index), which every ``diffprob
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..console import message
+from ..console import message, resumable
 
 sample_app = typer.Typer(help="Sample models trained by `diffprobe train` into run directories.",
                          no_args_is_help=True)
@@ -40,16 +39,12 @@ def diadm_cmd(
 
     console = Console(stderr=True)
     columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
+    with (resumable(console, f"finished images are kept in {out}"),
+          Progress(*columns, console=console, transient=True, disable=quiet) as bar):
         task = bar.add_task("sample", total=None)
-        try:
-            result = sample_diadm(model, out, features_from=features_from, steps=steps, batch_size=batch_size,
-                                  limit=limit, device=device, new=new, cache_dir=cache_dir, no_cache=no_cache,
-                                  progress=lambda n: bar.advance(task, n))
-        except KeyboardInterrupt:
-            bar.stop()
-            console.print(message(f"interrupted: finished images are kept in {out}; run the same command to resume"))
-            sys.exit(130)
+        result = sample_diadm(model, out, features_from=features_from, steps=steps, batch_size=batch_size,
+                              limit=limit, device=device, new=new, cache_dir=cache_dir, no_cache=no_cache,
+                              progress=lambda n: bar.advance(task, n))
     per = f" ({result.seconds / result.generated:.3f} s per image)" if result.generated else ""
     console.print(message(f"{result.generated} sampled, {result.skipped} already in the run{per}; wrote "
                           f"{result.run_dir}"))

@@ -3,13 +3,12 @@ fine-tune Q/K on it (:mod:`diffprobe.commands.finetune`)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from ..console import message
+from ..console import message, resumable
 from ..errors import InputError
 from ..prompts import Prompt
 from . import backend_options as bo
@@ -18,12 +17,6 @@ from .judge import JUDGE_HELP, make_judges, with_judge_flags
 
 seeds_app = typer.Typer(help="Reliable seeds: mine them with a judge, show them, build a data set with them, "
                         "fine-tune Q/K on it.", no_args_is_help=True)
-
-
-def _interrupted(console: Console, where: Path) -> None:
-    console.print(message(f"interrupted: finished images and verdicts are kept in {where}; run the same command "
-                          "to resume"))
-    sys.exit(130)
 
 
 def _load_prompts(sources: list[str], console: Console) -> list[Prompt]:
@@ -83,11 +76,9 @@ def mine_cmd(
     spec = spec.model_copy(update={"prompt_source": "; ".join(prompts)})
     runner = bo.backend_from_flags(backend, address, workers, gpus_per_worker)
     [the_judge] = make_judges([judge], judge_flags)
-    try:
+    with resumable(console, f"finished images and verdicts are kept in {out}"):
         result = mine_seeds(spec, items, out, the_judge, top_n=top, file=file, batch_size=batch_size,
                             console=console, progress=not quiet, backend=runner)
-    except KeyboardInterrupt:
-        _interrupted(console, out)
     from ..seeds.file import read_reliable
 
     reliable = read_reliable(result.path)
@@ -156,11 +147,9 @@ def dataset_cmd(
     items = _load_prompts(prompts, console)
     spec = dataset_spec({"name": model, "dtype": dtype, "device": device}, items, seeds_file,
                         rng_seed=reliable_rng, steps=steps, scale=scale, sources=prompts)
-    try:
+    with resumable(console, f"finished images and verdicts are kept in {out}"):
         result = build_dataset(spec, items, out, rectify=rectify, judge=the_judge,  # type: ignore[arg-type]
                                batch_size=batch_size, console=console, progress=not quiet)
-    except KeyboardInterrupt:
-        _interrupted(console, out)
     actions = ", ".join(f"{n} {a}" for a, n in result.manifest["actions"].items())
     console.print(message(f"{result.items} image(s) in {result.root / 'train'} ({actions})"))
     typer.echo(str(result.root))

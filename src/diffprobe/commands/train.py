@@ -3,13 +3,12 @@ model conditioned on each training image's feature (DiADM), its class, or nothin
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from ..console import message
+from ..console import message, resumable
 
 train_app = typer.Typer(help="Train models: DiADM (pseudo-label conditioning) and its comparison models.",
                         no_args_is_help=True)
@@ -53,13 +52,10 @@ def diadm_cmd(
                            steps=steps, batch=batch_size, lr=lr, warmup=warmup,
                            ema_decay=None if no_ema else ema_decay, checkpoint_every=checkpoint_every,
                            log_every=log_every, seed=seed)
-    try:
+    with resumable(console, f"checkpoints are kept in {work_folder(out)}",
+                   "run the same command to resume from the newest one"):
         result = train_diadm(images, out, options, device=device, cache_dir=cache_dir, no_cache=no_cache,
                              keep_work=keep_checkpoints)
-    except KeyboardInterrupt:
-        console.print(message(f"interrupted: checkpoints are kept in {work_folder(out)}; run the same command "
-                              "to resume from the newest one"))
-        sys.exit(130)
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     console.print(message(f"trained a {cond} model ({result.parameters:,} parameters) for {result.steps} steps"
                           f"{resumed} in {result.seconds:.0f} s; wrote {result.out}"))
