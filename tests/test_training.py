@@ -120,6 +120,26 @@ def test_other_settings_or_parameters_do_not_resume(tmp_path):
         Trainer(settings).fit({"m": model}, mse, batches(2), tmp_path, identity={"data": "a"})
 
 
+def test_a_second_trainer_in_a_busy_folder_is_refused_and_the_folder_frees_after(tmp_path):
+    settings = TrainSettings(steps=3, lr=0.05, checkpoint_every=1, device="cpu")
+    refused = []
+
+    def loss_with_a_rival(batch, ctx):
+        if ctx.step == 2:  # while this run holds the folder, a second trainer tries the same one
+            with pytest.raises(InputError) as err:
+                Trainer(settings).fit({"m": toy()}, mse, batches(2), tmp_path)
+            refused.append(str(err.value))
+        return mse(batch, ctx)
+
+    result = Trainer(settings).fit({"m": toy()}, loss_with_a_rival, batches(2), tmp_path)
+    assert result.steps == 3 and refused == [
+        f"another process is training in {tmp_path}; wait for it to finish, or train into another folder"]
+    assert [s for s, _ in checkpoints(tmp_path)] == [3]  # the run finished as if alone
+    again = Trainer(TrainSettings(steps=4, lr=0.05, checkpoint_every=1, device="cpu"))
+    with pytest.raises(InputError, match="other settings"):  # free again: refused for its settings, not the lock
+        again.fit({"m": toy()}, mse, batches(2), tmp_path)
+
+
 def test_frozen_modules_and_bad_settings():
     model = toy().requires_grad_(False)
     with pytest.raises(InputError, match="nothing to train"):

@@ -32,18 +32,14 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 from pydantic import ValidationError
 
+from . import locks
 from .errors import InputError, RunMismatchError, StorageError
 from .spec import RunSpec, canonical_json, flatten
-
-try:  # POSIX advisory locks; elsewhere a single writer is the user's responsibility
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 DB_NAME = "run.sqlite"
 IMAGES = "images"
@@ -258,7 +254,7 @@ def check_new_run_dir(path: str | Path, *, new: bool = False) -> None:
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file; --out needs a directory")
     if path.exists() and any(path.iterdir()):
-        if _writer_active(path):
+        if locks.held(path / LOCK_NAME):
             raise InputError(f"another process is writing to {path.resolve()}; wait for it to finish")
         if not new:
             raise RunMismatchError(f"{path} exists and is not empty; choose another --out, or pass --new to move "
@@ -292,34 +288,12 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _take_lock(root: Path) -> io.BufferedWriter | None:
+def _take_lock(root: Path) -> BinaryIO | None:
     """The writer lock of ``root`` (None where flock is unavailable); a second writer is refused."""
-    if fcntl is None:
-        return None
     try:
-        f = open(root / LOCK_NAME, "ab")  # noqa: SIM115 - held for the store's lifetime
+        return locks.take(root / LOCK_NAME, f"another process is writing to {root}; wait for it to finish")
     except OSError as err:
         raise StorageError(f"cannot write to {root} ({_reason(err)}); a run needs a writable directory") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise InputError(f"another process is writing to {root}; wait for it to finish") from None
-    return f
-
-
-def _writer_active(path: Path) -> bool:
-    """Whether a writer holds ``path``'s lock; creates nothing (a run without a lock file never had a writer)."""
-    if fcntl is None or not (path / LOCK_NAME).is_file():
-        return False
-    try:
-        with open(path / LOCK_NAME, "rb") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 class RunStore:
@@ -328,7 +302,7 @@ class RunStore:
         self.images_dir = self.root / IMAGES
         self.writable = write
         self.moved_aside: Path | None = None  # set by create_run(new=True) when an old run was moved away
-        self._lock_file: io.BufferedWriter | None = None
+        self._lock_file: BinaryIO | None = None
         if write:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
+from .. import locks
 from ..errors import InputError
 from .log import LossLog
 
 CHECKPOINT_PREFIX = "checkpoint-"
 SETTINGS_FILE = "training_settings.json"
+LOCK_FILE = "train.lock"  # held by the one trainer of a folder
 
 Batches = Callable[[int, int, int], Iterator[Any]]
 
@@ -154,6 +156,14 @@ class Trainer:
         simulated kill). ``generator`` is the run's random generator (default: one on the device seeded with
         ``settings.seed`` + the process index).
         """
+        lock = _take_work_lock(Path(work_dir)) if work_dir is not None and self.is_main else None
+        try:
+            return self._fit(modules, loss_fn, batches, work_dir, identity, log, phase, stop, generator)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _fit(self, modules, loss_fn, batches, work_dir, identity, log, phase, stop, generator) -> FitResult:
         import time
 
         from diffusers.training_utils import EMAModel
@@ -293,6 +303,17 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
 
 # Settings a resumed run may change: they decide when checkpoints are written, not what is trained.
 RESUME_MAY_CHANGE = ("checkpoint_every", "keep_checkpoints")
+
+
+def _take_work_lock(work_dir: Path):
+    """Two trainers in one folder would overwrite each other's checkpoints: the second is refused."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return locks.take(work_dir / LOCK_FILE, f"another process is training in {work_dir}; wait for it to "
+                                                "finish, or train into another folder")
+    except OSError as err:
+        raise InputError(f"cannot write to {work_dir} ({err.strerror or err}); training needs a writable "
+                         "folder") from None
 
 
 def _check_settings(work_dir: Path, s: TrainSettings, identity: dict[str, Any], is_main: bool) -> None:
