@@ -1,4 +1,5 @@
-"""What the experiment scripts share: running a command the way a user does, and timing resumable stages."""
+"""What the experiment scripts share: running a command the way a user does, timing resumable stages, and
+writing the report with the settings it came from."""
 
 from __future__ import annotations
 
@@ -37,3 +38,16 @@ class Timer:
         finally:
             self.data[name] = round(self.data.get(name, 0.0) + time.perf_counter() - t0, 1)
             self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def write_report(out: Path, result: dict[str, Any], settings: Any, markdown: Any) -> str:
+    """Add the script's arguments (``settings``, an argparse namespace) and the stage times to ``result``, write
+    ``OUT/report.json`` and ``OUT/report.md`` (``markdown(result)``) and print the Markdown."""
+    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()}
+    if (out / "timing.json").is_file():
+        result["timing"] = json.loads((out / "timing.json").read_text())
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (out / "report.md").write_text(text)
+    print(text, flush=True)
+    return text

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from experiment import Timer, run  # examples/experiment.py
+from experiment import Timer, run, write_report  # examples/experiment.py
 
 from diffprobe.audit import compare_arm
 from diffprobe.metrics.stats import compare_scores, holm, wilson
@@ -403,14 +403,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     curves_ = {m: curve_report(args, m) for m in (CONTROL, name)}
     result = {"partial_model": name, "selection": choice, "quality": quality, "guidance": curves_,
               "hypothesis": hypothesis(args, name), "decision": decision(quality, curves_[name], name),
-              "training": training_records(args),
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    if (args.out / "timing.json").is_file():
-        result["timing"] = json.loads((args.out / "timing.json").read_text())
-    (args.out / "report.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (args.out / "report.md").write_text(text)
-    print(text, flush=True)
+              "training": training_records(args)}
+    write_report(args.out, result, args, markdown)
     return result
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from experiment import Timer, cli  # examples/experiment.py
+from experiment import Timer, cli, write_report  # examples/experiment.py
 
 from diffprobe.metrics.stats import bootstrap_mean_ci, mcnemar, wilson
 from diffprobe.prompts import Prompt, load_prompts, unique
@@ -296,14 +296,9 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         result["single"][name]["scs_vs_base"] = {"difference": cmp_["difference"]["mean"],
                                                  "bootstrap_ci": cmp_["difference"]["bootstrap_ci"],
                                                  "wilcoxon_p": cmp_["wilcoxon"]["p"]}
-    for name in ("selection.json", "timing.json"):
-        if (args.out / name).is_file():
-            result[name.removesuffix(".json")] = json.loads((args.out / name).read_text())
-    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (args.out / "report.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (args.out / "report.md").write_text(text)
-    print(text, flush=True)
+    if (args.out / "selection.json").is_file():
+        result["selection"] = json.loads((args.out / "selection.json").read_text())
+    write_report(args.out, result, args, markdown)
     return result
 
 
