@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .. import locks
-from ..errors import InputError
+from ..errors import InputError, cannot_write
 from .log import LossLog
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -312,8 +312,7 @@ def _take_work_lock(work_dir: Path):
         return locks.take(work_dir / LOCK_FILE, f"another process is training in {work_dir}; wait for it to "
                                                 "finish, or train into another folder")
     except OSError as err:
-        raise InputError(f"cannot write to {work_dir} ({err.strerror or err}); training needs a writable "
-                         "folder") from None
+        raise cannot_write(work_dir, err.strerror or str(err)) from None
 
 
 def _check_settings(work_dir: Path, s: TrainSettings, identity: dict[str, Any], is_main: bool) -> None:
